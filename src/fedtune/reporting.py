@@ -1,0 +1,153 @@
+"""Reporting: the per-round, per-client metrics log, the run summary, the end-of-run table
+and the live progress display."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+MB = 1e6
+
+
+class MetricsLog:
+    """``metrics.jsonl``: one JSON object per client per round, and one ``client: "server"``
+    record per round."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+
+    def append(self, record: dict[str, Any]) -> None:
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.path.is_file():
+            return []
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+    def truncate_after(self, rnd: int) -> None:
+        """Drop records of rounds after ``rnd`` (a resumed run redoes them)."""
+        keep = [r for r in self.records() if r["round"] <= rnd]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in keep))
+
+
+def per_round(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per round: the server's test metrics and the mean per participating client."""
+    server: dict[int, dict[str, Any]] = defaultdict(dict)
+    client_recs: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r["client"] == "server":
+            server[r["round"]] = r
+        else:
+            client_recs[r["round"]].append(r)
+    rows = []
+    for rnd in sorted(set(server) | set(client_recs)):
+        row, clients = server[rnd], client_recs[rnd]
+        n = max(len(clients), 1)
+        mean = lambda key: sum(c.get(key, 0) or 0 for c in clients) / n  # noqa: E731
+        rows.append(
+            {
+                "round": rnd,
+                "test_accuracy": row.get("test_accuracy"),
+                "test_loss": row.get("test_loss"),
+                "clients": len(clients),
+                "mb_up_per_client": mean("bytes_up") / MB,
+                "mb_down_per_client": mean("bytes_down") / MB,
+                "gflops_per_client": mean("client_flops") / 1e9,
+                "client_seconds": mean("client_seconds"),
+                "client_peak_mem_mb": max((c.get("client_peak_mem_bytes", 0) for c in clients), default=0) / MB,
+                "train_loss": mean("train_loss"),
+                "round_seconds": row.get("round_seconds"),
+            }
+        )
+    return rows
+
+
+def summarize(records: list[dict[str, Any]], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    rows = per_round(records)
+    if not rows:
+        return dict(extra or {})
+    avg = lambda key: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    accs = [r["test_accuracy"] for r in rows if r["test_accuracy"] is not None]
+    summary = {
+        "rounds": len(rows),
+        "final_test_accuracy": rows[-1]["test_accuracy"],
+        "best_test_accuracy": max(accs) if accs else None,
+        "final_test_loss": rows[-1]["test_loss"],
+        "mb_up_per_client_per_round": avg("mb_up_per_client"),
+        "mb_down_per_client_per_round": avg("mb_down_per_client"),
+        "gflops_per_client_per_round": avg("gflops_per_client"),
+        "client_seconds_per_round": avg("client_seconds"),
+        "client_peak_mem_mb": max(r["client_peak_mem_mb"] for r in rows),
+        "round_seconds": avg("round_seconds") if all(r["round_seconds"] is not None for r in rows) else None,
+        "total_mb": sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in records if r["client"] != "server") / MB,
+    }
+    summary.update(extra or {})
+    return summary
+
+
+def _fmt(x: Any, spec: str) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    return format(x, spec)
+
+
+def table(records: list[dict[str, Any]], title: str = "fedtune"):
+    from rich.table import Table
+
+    t = Table(title=title)
+    for col in ("round", "test acc", "test loss", "train loss", "MB up/client", "MB down/client",
+                "GFLOPs/client", "client s", "peak MB", "round s"):
+        t.add_column(col, justify="right")
+    for r in per_round(records):
+        t.add_row(
+            str(r["round"]), _fmt(r["test_accuracy"], ".2%"), _fmt(r["test_loss"], ".3f"), _fmt(r["train_loss"], ".3f"),
+            _fmt(r["mb_up_per_client"], ".3f"), _fmt(r["mb_down_per_client"], ".3f"), _fmt(r["gflops_per_client"], ".1f"),
+            _fmt(r["client_seconds"], ".1f"), _fmt(r["client_peak_mem_mb"], ".0f"), _fmt(r["round_seconds"], ".1f"),
+        )
+    return t
+
+
+class Progress:
+    """Silent progress: the interface the runtime reports to."""
+
+    def start(self, rounds: int, first: int) -> None: ...
+    def client(self, rnd: int, cid: int, position: int, count: int) -> None: ...
+    def step(self, done: int, total: int) -> None: ...
+    def round_done(self, rnd: int, server: dict[str, Any]) -> None: ...
+    def stop(self) -> None: ...
+
+
+class RichProgress(Progress):
+    """A live bar over rounds and one over the current client's steps."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as Bar
+
+        self.bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.rounds = self.steps = None
+        self.last = ""
+
+    def start(self, rounds, first):
+        self.bar.start()
+        self.rounds = self.bar.add_task("rounds", total=rounds, completed=first - 1)
+        self.steps = self.bar.add_task("steps", total=1)
+
+    def client(self, rnd, cid, position, count):
+        self.bar.update(self.rounds, description=f"round {rnd}{self.last}")
+        self.bar.update(self.steps, description=f"  client {cid} ({position}/{count})", completed=0, total=1)
+
+    def step(self, done, total):
+        self.bar.update(self.steps, completed=done, total=total)
+
+    def round_done(self, rnd, server):
+        acc = server.get("test_accuracy")
+        self.last = f" (last acc {acc:.1%})" if acc is not None else ""
+        self.bar.update(self.rounds, advance=1, description=f"round {rnd}{self.last}")
+
+    def stop(self):
+        self.bar.stop()

@@ -1,0 +1,99 @@
+"""The local loops every framework shares: an optimizer over the tunable parameters, a
+training pass over batches with any loss, evaluation, and logits for a set of rows."""
+
+from __future__ import annotations
+
+import zlib
+from contextlib import contextmanager
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import TrainConfig
+from .data import Batch
+from .metering import FlopModel
+from .models import param_groups
+
+LossFn = Callable[[nn.Module, Batch], torch.Tensor]
+StepFn = Callable[[int, int], None]
+
+
+def derive_seed(*parts) -> int:
+    """A stable seed from (run seed, purpose, round, client, ...): results do not depend on
+    the order in which clients run or on whether a run was resumed."""
+    return zlib.crc32("/".join(map(str, parts)).encode())
+
+
+@contextmanager
+def seeded(*parts):
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(derive_seed(*parts))
+        yield
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None, head_lr: float | None = None):
+    groups = param_groups(model, cfg.lr if lr is None else lr, cfg.head_lr if head_lr is None else head_lr, cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(groups)
+
+
+def classify_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return F.cross_entropy(forward_logits(model, batch), batch.labels)
+
+
+def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
+    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+def train_pass(
+    model: nn.Module,
+    batches: list[Batch],
+    cfg: TrainConfig,
+    device: torch.device,
+    flops: FlopModel,
+    loss_fn: LossFn = classify_loss,
+    optimizer=None,
+    on_step: StepFn | None = None,
+) -> tuple[float, int]:
+    """One pass over ``batches`` -> (mean loss, training FLOPs)."""
+    optimizer = optimizer or make_optimizer(model, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    total_loss, total_flops = 0.0, 0
+    for i, batch in enumerate(batches):
+        batch = batch.to(device)
+        loss = loss_fn(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
+        optimizer.step()
+        total_loss += loss.item()
+        total_flops += flops.count(*batch.shape, train=True)
+        if on_step:
+            on_step(i + 1, len(batches))
+    return total_loss / max(len(batches), 1), total_flops
+
+
+@torch.no_grad()
+def predict(model: nn.Module, batches: list[Batch], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (logits in dataset row order, labels in that order)."""
+    model.eval()
+    logits, labels, rows = [], [], []
+    for batch in batches:
+        b = batch.to(device)
+        logits.append(forward_logits(model, b).float().cpu())
+        labels.append(batch.labels)
+        rows.append(batch.index)
+    order = torch.argsort(torch.cat(rows))
+    return torch.cat(logits)[order], torch.cat(labels)[order]
+
+
+def evaluate(model: nn.Module, batches: list[Batch], device: torch.device) -> dict[str, float]:
+    logits, labels = predict(model, batches, device)
+    return {
+        "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+        "loss": F.cross_entropy(logits, labels).item(),
+    }
