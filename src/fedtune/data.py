@@ -204,6 +204,8 @@ def load(cfg: DataConfig, clients: int, seed: int) -> FedData:
 
 def encode(tokenizer, texts: list[str], max_length: int) -> list[list[int]]:
     """Token ids per text, truncated to max_length (no padding: that is done per batch)."""
+    if not texts:
+        return []
     enc = tokenizer(texts, truncation=True, max_length=max_length, padding=False)
     return enc["input_ids"]
 
