@@ -136,10 +136,22 @@ def _tiny_config(name: str, tok, num_labels: int):
     return AutoConfig.for_model(model_type, vocab_size=len(tok), num_labels=num_labels, **ids, **spec)
 
 
+def _quiet_transformers() -> None:
+    # The "newly initialized head" load report and deprecation notices from inside peft are
+    # expected here and would bury the run's own output.
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
+
+
 def load_base(cfg: ModelConfig, tok, num_labels: int, task: str = "classify") -> nn.Module:
     """The frozen pre-trained model with a fresh head (seed torch before calling)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    _quiet_transformers()
     auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
     kind, where = resolve(cfg.name)
     kwargs = dict(attn_implementation=cfg.attn_implementation)
