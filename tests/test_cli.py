@@ -53,3 +53,4 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, make_args, message):
     err = capsys.readouterr().err.strip()
     assert message in err
     assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists()  # checked before anything is written

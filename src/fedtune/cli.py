@@ -33,7 +33,27 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     r.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last checkpoint")
     r.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    s = sub.add_parser("sweep", help="run a grid of configs x seeds from an experiment file, then report")
+    s.add_argument("experiment", help="experiment TOML file (see docs/sweeps.md)")
+    s.add_argument("--out", help="sweep directory (default: the file's [sweep] out, else runs/sweep-<file stem>)")
+    s.add_argument("--dry-run", action="store_true", help="list the points and exit")
+    s.add_argument("--fail-fast", action="store_true", help="stop at the first failing point")
+    s.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    rp = sub.add_parser("report", help="aggregate a sweep directory over seeds into figures and report.md")
+    rp.add_argument("sweep_dir", help="directory holding run directories (searched recursively)")
+    rp.add_argument("--out", help="where to write report.md and the figures (default: SWEEP_DIR)")
     return p
+
+
+def preflight(cfg) -> None:
+    """Check the data and the model source before a run directory is made, so that bad input
+    leaves nothing behind."""
+    from . import data as datalib
+    from . import models
+
+    datalib.load(cfg.data, cfg.fed.clients, cfg.seed)
+    models.resolve(cfg.model.name)
 
 
 def cmd_run(args) -> int:
@@ -50,6 +70,7 @@ def cmd_run(args) -> int:
         overrides = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
         overrides.update(configlib.parse_overrides(args.set))
         cfg = configlib.build_config(args.preset, args.config, overrides)
+        preflight(cfg)
         rundir = RunDir.create(cfg)
     console = Console(stderr=True)
     console.print(f"[bold]fedtune[/] {cfg.framework} on {cfg.model.name}: {cfg.fed.clients} clients, "
@@ -68,6 +89,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "run":
             return cmd_run(args)
+        if args.command == "sweep":
+            from .sweep import cmd_sweep
+
+            return cmd_sweep(args)
+        if args.command == "report":
+            from .report import cmd_report
+
+            return cmd_report(args)
     except FedtuneError as exc:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
