@@ -98,6 +98,26 @@ class SplitConfig:
 
 
 @dataclass
+class FlowerConfig:
+    """The Flower runtimes (docs/flower.md)."""
+
+    # host:port of a running SuperLink; empty = start one and fed.clients SuperNodes on 127.0.0.1
+    # (stopped after the run).
+    superlink: str = ""
+    root_certificates: str = ""  # CA certificate (PEM) of the SuperLink's TLS; empty with superlink = insecure
+    local_tls: bool = True  # local SuperLink: serve TLS with a throwaway CA
+    local_auth: bool = True  # local SuperLink: SuperNode authentication, local SuperNodes registered
+    wait_nodes_s: float = 120.0  # how long the ServerApp waits for fed.clients SuperNodes to connect
+    sim_backend: str = "thread"  # flower-sim: "thread" (ClientApps in this process) or "ray" (flwr[simulation])
+    # Split learning's per-batch channel (runtimes/channel.py), served by the ServerApp.
+    channel_bind: str = "127.0.0.1:0"  # port 0 = any free port
+    channel_host: str = ""  # the host clients dial; empty = the bind host
+    channel_certfile: str = ""  # TLS for the channel; empty = plaintext
+    channel_keyfile: str = ""
+    channel_ca_certfile: str = ""  # sent to clients to verify the channel; empty = the certificate itself
+
+
+@dataclass
 class RunConfig:
     framework: str = "fedavg"  # "fedavg", "kd" or "split"
     runtime: str = "inprocess"  # "inprocess", "flower-sim" or "flower"
@@ -110,6 +130,7 @@ class RunConfig:
     fed: FedConfig = field(default_factory=FedConfig)
     kd: KDConfig = field(default_factory=KDConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
+    flower: FlowerConfig = field(default_factory=FlowerConfig)
 
 
 # Presets are overrides on top of the dataclass defaults (which are the demo setting).
@@ -277,6 +298,7 @@ def validate(cfg: RunConfig) -> None:
     _one_of("kd.aggregation", cfg.kd.aggregation, ("mean", "weighted", "entropy"))
     _one_of("kd.logit_dtype", cfg.kd.logit_dtype, ("fp32", "fp16", "int8"))
     _one_of("split.act_dtype", cfg.split.act_dtype, ("fp32", "fp16", "bf16", "int8"))
+    _one_of("flower.sim_backend", cfg.flower.sim_backend, ("thread", "ray"))
     positive = {
         "fed.clients": cfg.fed.clients,
         "fed.rounds": cfg.fed.rounds,
@@ -288,11 +310,19 @@ def validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise FedtuneError(f"{key} must be >= 1; got {value}")
+    if cfg.kd.temperature <= 0 or cfg.kd.logit_topk < 0 or cfg.kd.server_epochs < 0 or cfg.kd.client_kd_epochs < 0:
+        raise FedtuneError("kd.temperature must be > 0; kd.logit_topk, kd.server_epochs, kd.client_kd_epochs >= 0")
+    if cfg.kd.aggregation == "entropy" and cfg.kd.entropy_threshold <= 0:
+        raise FedtuneError("kd.aggregation=entropy needs kd.entropy_threshold > 0 (nats; ln(labels) keeps everything)")
     if not 0.0 < cfg.fed.fraction <= 1.0:
         raise FedtuneError(f"fed.fraction must be in (0, 1]; got {cfg.fed.fraction}")
     for key in ("data.public_size", "data.private_size", "data.test_size", "data.max_labels"):
         if dataclasses.asdict(cfg)[key.split(".")[0]][key.split(".")[1]] < 0:
             raise FedtuneError(f"{key} must be >= 0")
+    if not 0.0 <= cfg.split.act_topk < 1.0:
+        raise FedtuneError(f"split.act_topk must be in [0, 1) (0 = dense); got {cfg.split.act_topk}")
+    if cfg.split.samples_per_round < 0:
+        raise FedtuneError("split.samples_per_round must be >= 0 (0 = the whole shard)")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -1,0 +1,248 @@
+"""fedtune's Flower ServerApp and ClientApp (Message API of flwr 1.41).
+
+The apps only move bytes: the server side runs ``runtimes.common``'s sampling, ``close_round``
+and ``finish`` around the framework's configure/aggregate/evaluate, the client side runs
+``common.run_client``. Each message carries the very blob the in-process runtime meters
+(``metering.serialize``), as one uint8 array, so bytes_up/bytes_down agree across runtimes.
+What a message carries besides the blob (round, client id, the run config, the split
+channel's address) is control data, not counted, as in the in-process runtime.
+
+This module imports only flwr and numpy at import time: in deployment every message starts a
+fresh ClientApp process, and a ``query`` (who are you?) must not pay for importing torch.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+BLOB, CONTROL, STATE = "blob", "control", "fedtune-state"
+# The keys of the app's run config (the generated FAB's [tool.flwr.app.config]).
+RUN_CONFIG, RUN_DIR, RUN_RESUME = "fedtune-config", "fedtune-rundir", "fedtune-resume"
+
+_contexts: dict[str, Any] = {}  # config JSON -> fedtune Context, one per process (see shared_context)
+
+
+def shared_context(cfg):
+    """One model and data per process and config. In simulation the ServerApp and every
+    ClientApp run in one process and share it, exactly as the in-process runtime does."""
+    from ..config import to_dict
+    from ..frameworks import Context as FedContext
+
+    key = json.dumps(to_dict(cfg), sort_keys=True)
+    if key not in _contexts:
+        _contexts.clear()  # a new run in this process: drop the previous run's model
+        _contexts[key] = FedContext.build(cfg)
+    return _contexts[key]
+
+
+def _blob_record(blob: bytes) -> ArrayRecord:
+    return ArrayRecord({BLOB: Array(np.frombuffer(blob, dtype=np.uint8))})
+
+
+def _blob(content: RecordDict) -> bytes:
+    return content.array_records[BLOB][BLOB].numpy().tobytes()
+
+
+# =========================================================================== server
+
+
+def run_server(grid: Grid, cfg, rundir, resume: bool = False, progress=None) -> dict:
+    """Every round: sample, send each sampled client its blob, wait (at most
+    fed.client_timeout_s) for the replies, close the round with whoever answered."""
+    from ..errors import FedtuneError
+    from ..frameworks import Framework, get
+    from ..metering import serialize
+    from ..reporting import Progress
+    from .common import close_round, finish, restore, sample_clients
+
+    progress = progress or Progress()
+    wall = time.perf_counter()
+    ctx = shared_context(cfg)
+    ctx.on_step = progress.step
+    fw = get(cfg.framework)(ctx)
+    first, _ = restore(fw, rundir) if resume else (1, {})
+    nodes = discover(grid, cfg)
+    channel = None
+    if type(fw).serve is not Framework.serve:  # the framework talks per batch: open the channel
+        channel = _start_channel(fw, cfg)
+    config_json = json.dumps(_to_dict(cfg))
+    timeout = cfg.fed.client_timeout_s or None
+    progress.start(cfg.fed.rounds, first)
+    try:
+        for rnd in range(first, cfg.fed.rounds + 1):
+            started = time.perf_counter()
+            sampled = sample_clients(cfg, rnd)
+            messages, online = {}, set(grid.get_node_ids())
+            for cid in sampled:
+                if nodes[cid] not in online:
+                    continue  # its SuperNode is gone: counted as dropped below
+                control = {"round": rnd, "client": cid, "config": config_json}
+                if channel:
+                    info = channel.info
+                    control.update(channel_address=info.address, channel_token=info.token,
+                                   channel_root=info.root_certificates or b"")
+                content = RecordDict({BLOB: _blob_record(serialize(fw.configure(rnd, cid))),
+                                      CONTROL: ConfigRecord(control)})
+                messages[cid] = Message(content, dst_node_id=nodes[cid], message_type="train")
+            replies, errors = {}, {}
+            for cid, reply in exchange(grid, messages, timeout).items():
+                if reply.has_error():  # the ClientApp raised, or Flower found its node gone
+                    errors[cid] = reply.error.reason
+                else:
+                    replies[cid] = reply
+            uploads = {}
+            for cid in sampled:  # in sampled order: aggregation sums in the same order as in-process
+                if cid in replies:
+                    record = json.loads(replies[cid].content.config_records[CONTROL]["record"])
+                    rundir.metrics.append(record)
+                    uploads[cid] = (_blob(replies[cid].content), record)
+            dropped = [cid for cid in sampled if cid not in uploads]
+            if not uploads:
+                raise FedtuneError(f"round {rnd}: no client answered (dropped {dropped}; errors {errors})")
+            extra = {"dropped": dropped, "client_errors": {str(c): e for c, e in errors.items()}} if dropped else {}
+            server = close_round(fw, rundir, rnd, uploads, started, {}, extra)
+            progress.round_done(rnd, server)
+    finally:
+        progress.stop()
+        if channel:
+            channel.stop()
+    return finish(fw, rundir, time.perf_counter() - wall)
+
+
+def discover(grid: Grid, cfg) -> dict[int, int]:
+    """-> {client id: node id}. A client's id is its SuperNode's ``partition-id`` (node
+    config), so a client keeps its data and its state whatever order nodes connect in."""
+    from ..errors import FedtuneError
+
+    deadline = time.monotonic() + cfg.flower.wait_nodes_s
+    while len(list(grid.get_node_ids())) < cfg.fed.clients:
+        if time.monotonic() > deadline:
+            raise FedtuneError(f"only {len(list(grid.get_node_ids()))} of {cfg.fed.clients} SuperNodes connected "
+                               f"within flower.wait_nodes_s={cfg.flower.wait_nodes_s:g}")
+        time.sleep(0.2)
+    queries = {n: Message(RecordDict(), dst_node_id=n, message_type="query") for n in grid.get_node_ids()}
+    nodes: dict[int, int] = {}
+    for node, reply in exchange(grid, queries, cfg.flower.wait_nodes_s).items():
+        if reply.has_error():
+            raise FedtuneError(f"SuperNode {node}: {reply.error.reason}")
+        cid = int(reply.content.config_records[CONTROL]["partition-id"])
+        if cid in nodes:
+            raise FedtuneError(f"two SuperNodes have partition-id={cid}")
+        if not 0 <= cid < cfg.fed.clients:
+            raise FedtuneError(f"SuperNode partition-id={cid} is outside 0..{cfg.fed.clients - 1} (fed.clients)")
+        nodes[cid] = node
+    missing = sorted(set(range(cfg.fed.clients)) - set(nodes))
+    if missing:
+        raise FedtuneError(f"no SuperNode answered for partition-id {missing}")
+    return nodes
+
+
+def exchange(grid: Grid, messages: dict, timeout: float | None, poll_s: float = 0.1) -> dict:
+    """Grid.send_and_receive keyed: {key: message} -> {key: reply} for the replies that came
+    within ``timeout`` (None: all). Replies are matched by the id of the message they answer:
+    an error Flower generates (node unavailable) comes from the SuperLink, not the node. Polls
+    faster than the deployment Grid's 3 s."""
+    pushed = grid.push_messages(list(messages.values()))  # in order; None for one not pushed (= dropped)
+    ids = {i: key for i, key in zip(pushed, messages) if i is not None}
+    end = time.monotonic() + timeout if timeout else float("inf")
+    replies = {}
+    while len(replies) < len(ids) and time.monotonic() < end:
+        for reply in grid.pull_messages([i for i in ids if ids[i] not in replies]):
+            replies[ids[reply.metadata.reply_to_message_id]] = reply
+        if len(replies) < len(ids):
+            time.sleep(poll_s)
+    return replies
+
+
+def _start_channel(fw, cfg):
+    from ..metering import deserialize, serialize
+    from .channel import ChannelServer
+
+    f = cfg.flower
+    return ChannelServer(lambda rnd, cid, blob: serialize(fw.serve(rnd, cid, deserialize(blob))),
+                         f.channel_bind, f.channel_host, f.channel_certfile, f.channel_keyfile, f.channel_ca_certfile)
+
+
+def _to_dict(cfg) -> dict:
+    from ..config import to_dict
+
+    return to_dict(cfg)
+
+
+# The deployment ServerApp: SuperLink starts it in its own process with the run config of
+# the app bundle that runtimes/flower.py generated.
+server = ServerApp()
+
+
+@server.main()
+def _server_main(grid: Grid, context: Context) -> None:
+    from ..config import from_dict
+    from ..rundir import RunDir
+
+    cfg = from_dict(json.loads(context.run_config[RUN_CONFIG]))
+    run_server(grid, cfg, RunDir(context.run_config[RUN_DIR]), bool(context.run_config[RUN_RESUME]))
+
+
+# =========================================================================== client
+
+client = ClientApp()
+
+
+@client.query()
+def _query(msg: Message, context: Context) -> Message:
+    if "partition-id" not in context.node_config:
+        raise ValueError("this SuperNode has no partition-id: start it with --node-config 'partition-id=N'")
+    return Message(RecordDict({CONTROL: ConfigRecord({"partition-id": int(context.node_config["partition-id"])})}),
+                   reply_to=msg)
+
+
+_frameworks: dict[int, Any] = {}  # id(fedtune Context) -> client-side Framework
+
+
+@client.train()
+def _train(msg: Message, context: Context) -> Message:
+    import torch
+
+    from ..config import from_dict
+    from ..frameworks import get
+    from .channel import ChannelClient, ChannelInfo
+    from .common import MeteredLink, run_client
+
+    control = msg.content.config_records[CONTROL]
+    cfg = from_dict(json.loads(control["config"]))
+    rnd, cid = int(control["round"]), int(control["client"])
+    if int(context.node_config["partition-id"]) != cid:
+        raise ValueError(f"message for client {cid} reached partition-id {context.node_config['partition-id']}")
+    ctx = shared_context(cfg)
+    if id(ctx) not in _frameworks:
+        _frameworks.clear()
+        _frameworks[id(ctx)] = get(cfg.framework)(ctx)
+    fw = _frameworks[id(ctx)]
+    state = None
+    if STATE in context.state.config_records:  # what this client kept from its previous round
+        state = torch.load(io.BytesIO(context.state.config_records[STATE]["state"]), weights_only=False)
+    channel = None
+    if "channel_address" in control:
+        info = ChannelInfo(str(control["channel_address"]), str(control["channel_token"]),
+                           bytes(control["channel_root"]) or None)
+        channel = ChannelClient(info, rnd, cid)
+    try:
+        up, state, record = run_client(fw, rnd, cid, _blob(msg.content), state,
+                                       MeteredLink(channel) if channel else None)
+    finally:
+        if channel:
+            channel.close()
+    if state is not None:
+        buf = io.BytesIO()
+        torch.save(state, buf)
+        context.state[STATE] = ConfigRecord({"state": buf.getvalue()})
+    reply = RecordDict({BLOB: _blob_record(up), CONTROL: ConfigRecord({"record": json.dumps(record)})})
+    return Message(reply, reply_to=msg)
