@@ -169,6 +169,16 @@ def load(cfg: DataConfig, clients: int, seed: int) -> FedData:
     rng = random.Random(seed)
     order = list(range(len(pool)))
     rng.shuffle(order)
+    # Rows whose text is also a test question go to the back (the private end): the public set,
+    # which KD's server model learns from, then never holds a test question unless it must
+    # (Banking77 has 6 such texts; the paper split puts 3 of them in its public set otherwise).
+    test_set = set(test_texts)
+    order = [i for i in order if pool[i][0] not in test_set] + [i for i in order if pool[i][0] in test_set]
+    if cfg.public_size >= len(pool) and not cfg.private_size:
+        raise FedtuneError(
+            f"data.public_size ({cfg.public_size}) leaves no private rows: only {len(pool)} training rows "
+            f"are available"
+        )
     private_size = cfg.private_size or len(pool) - cfg.public_size
     if cfg.public_size + private_size > len(pool):
         raise FedtuneError(

@@ -56,8 +56,10 @@ def train_pass(
     loss_fn: LossFn = classify_loss,
     optimizer=None,
     on_step: StepFn | None = None,
+    flop_fn: Callable[[Batch], int] | None = None,
 ) -> tuple[float, int]:
-    """One pass over ``batches`` -> (mean loss, training FLOPs)."""
+    """One pass over ``batches`` -> (mean loss, training FLOPs); ``flop_fn`` counts a batch
+    when the loss does not run the whole model on every token (e.g. tasks.GenerateTask)."""
     optimizer = optimizer or make_optimizer(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -71,7 +73,7 @@ def train_pass(
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()
         total_loss += loss.item()
-        total_flops += flops.count(*batch.shape, train=True)
+        total_flops += flop_fn(batch) if flop_fn else flops.count(*batch.shape, train=True)
         if on_step:
             on_step(i + 1, len(batches))
     return total_loss / max(len(batches), 1), total_flops

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from .. import data as datalib
-from .. import models
+from .. import models, tasks
 from ..config import RunConfig
 from ..metering import FlopModel, Message
 from ..training import StepFn, derive_seed, train_pass
@@ -55,6 +55,7 @@ class Context:
     device: torch.device
     flops: FlopModel
     ids: dict[str, list[list[int]]]  # token ids: "test", "public", "client0", ...
+    task: tasks.Task
     on_step: StepFn | None = None
 
     @classmethod
@@ -65,10 +66,10 @@ class Context:
         model, tok = models.build(cfg.model, fed.num_labels, cfg.seed, cfg.train.task)
         device = pick_device(cfg.train.device)
         model.to(device)
-        enc = lambda split: datalib.encode(tok, split.texts, cfg.data.max_length)  # noqa: E731
-        ids = {"test": enc(fed.test), "public": enc(fed.public)}
-        ids.update({f"client{c}": enc(s) for c, s in enumerate(fed.clients)})
-        return cls(cfg, fed, model, tok, device, FlopModel.of(model), ids)
+        task = tasks.make(cfg.train.task, tok, fed.label_names, cfg.data.max_length)
+        ids = {"test": task.encode(fed.test), "public": task.encode(fed.public)}
+        ids.update({f"client{c}": task.encode(s) for c, s in enumerate(fed.clients)})
+        return cls(cfg, fed, model, tok, device, FlopModel.of(model), ids, task)
 
     def batches(self, key: str, labels: list, batch_size: int, shuffle_seed: int | None = None, limit: int = 0):
         d = self.cfg.data
@@ -119,7 +120,8 @@ class Framework(ABC):
         ctx, loss, flops = self.ctx, 0.0, 0
         for epoch in range(self.cfg.train.local_epochs):
             batches = ctx.client_batches(rnd, cid, epoch, limit)
-            loss, f = train_pass(ctx.model, batches, self.cfg.train, ctx.device, ctx.flops, on_step=ctx.on_step)
+            loss, f = train_pass(ctx.model, batches, self.cfg.train, ctx.device, ctx.flops, ctx.task.loss,
+                                 on_step=ctx.on_step, flop_fn=lambda b: ctx.task.flops(ctx.flops, b, True))
             flops += f
         return loss, flops
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 from .. import models
 from ..aggregation import make_strategy
 from ..metering import Message
-from ..training import evaluate
 from .base import ClientResult, Context, Framework
 
 
@@ -34,7 +33,7 @@ class FedAvgFramework(Framework):
         return {}
 
     def evaluate(self, rnd):
-        ev = evaluate(self.global_model(), self.ctx.test_batches(), self.ctx.device)
+        ev = self.ctx.task.evaluate(self.global_model(), self.ctx.test_batches(), self.ctx.device)
         return {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"]}
 
     def global_model(self):

@@ -1,0 +1,244 @@
+"""KD-FedLLM: clients share knowledge as their outputs on a public dataset instead of weights
+(paper steps b1-b8). One exchange per round:
+
+  down  the server's outputs on the public set from the previous round (nothing in round 1)
+  b8    the client distils them into its own local model (kept across rounds as its state)
+  b1    local fine-tuning on its private rows
+  b2-b3 outputs on the public set, compressed, uploaded
+  b4    server: check each upload, turn them into one distribution per public row (mean,
+        weighted by client samples, or mean with entropy filtering)
+  b5    server: distil that into the global model (KL at temperature T)
+  b6-b7 server: the global model's outputs on the public set, sent next round
+
+A "row" is one example under classify and one answer token under generate (tasks.py), so
+the payload is rows x labels or rows x vocabulary. Dense payloads carry logits (quantized);
+top-k payloads carry the k largest probabilities at temperature T, and the receiver spreads
+the remaining mass over the other entries (compression.topk_decode_distribution)."""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from .. import data as datalib
+from .. import models
+from ..compression import dequantize, quantize, topk_decode_distribution, topk_encode
+from ..config import KDConfig
+from ..errors import FedtuneError
+from ..metering import Message
+from ..training import derive_seed, make_optimizer, seeded, train_pass
+from .base import ClientResult, Context, Framework
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- the math
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float,
+            weight: torch.Tensor | None = None) -> torch.Tensor:
+    """T^2 * KL(teacher || softmax(student / T)), averaged over rows (weighted when given).
+    The T^2 keeps the gradient's scale independent of T (Hinton et al., 2015)."""
+    log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_q).sum(-1)
+    if weight is None:
+        return temperature**2 * kl.mean()
+    return temperature**2 * (kl * weight).sum() / weight.sum().clamp_min(1.0)
+
+
+def entropy(probs: torch.Tensor) -> torch.Tensor:
+    """Shannon entropy of each row, in nats."""
+    return -torch.xlogy(probs, probs).sum(-1)
+
+
+def refine(probs: list[torch.Tensor], weights: list[float], cfg: KDConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """b4: the clients' distributions -> (global distribution per row, rows kept)."""
+    w = torch.tensor(weights if cfg.aggregation == "weighted" else [1.0] * len(probs), dtype=torch.float64)
+    mean = sum(p.double() * wi for p, wi in zip(probs, w)) / w.sum()
+    mean = mean.float()
+    keep = torch.ones(len(mean), dtype=torch.bool)
+    if cfg.aggregation == "entropy":
+        keep = entropy(mean) <= cfg.entropy_threshold
+    return mean, keep
+
+
+def encode_outputs(logits: torch.Tensor, cfg: KDConfig) -> dict[str, torch.Tensor]:
+    if cfg.logit_topk:
+        return topk_encode(F.softmax(logits.float() / cfg.temperature, dim=-1), cfg.logit_topk, cfg.logit_dtype)
+    return quantize(logits.float(), cfg.logit_dtype)
+
+
+def decode_outputs(t: dict[str, torch.Tensor], cfg: KDConfig, rows: int, width: int) -> torch.Tensor:
+    """Payload -> probabilities at temperature T, (rows, width). Raises FedtuneError with the
+    reason when the payload is malformed (wrong names or shape, NaN, inf, indices out of range)."""
+    need = ["values"] + (["index", "width"] if cfg.logit_topk else []) + (["scale"] if cfg.logit_dtype == "int8" else [])
+    missing = [k for k in need if k not in t]
+    if missing:
+        raise FedtuneError(f"payload lacks {', '.join(missing)}")
+    cols = min(cfg.logit_topk, width) if cfg.logit_topk else width
+    for key in ("values", "index"):
+        if key in t and tuple(t[key].shape) != (rows, cols):
+            raise FedtuneError(f"{key} has shape {tuple(t[key].shape)}, expected {(rows, cols)}")
+    if "scale" in t and tuple(t["scale"].shape) != (rows, 1):
+        raise FedtuneError(f"scale has shape {tuple(t['scale'].shape)}, expected {(rows, 1)}")
+    values = dequantize(t)
+    if not torch.isfinite(values).all():
+        bad = int((~torch.isfinite(values)).any(-1).sum())
+        raise FedtuneError(f"values hold NaN or inf in {bad} rows")
+    if not cfg.logit_topk:
+        return F.softmax(values / cfg.temperature, dim=-1)
+    if int(t["width"][0]) != width or int(t["index"].min()) < 0 or int(t["index"].max()) >= width:
+        raise FedtuneError(f"top-k indices or width do not fit {width} outputs")
+    if (values < 0).any() or (values.sum(-1) > 1.05).any():
+        raise FedtuneError("top-k values are not probabilities")
+    probs = topk_decode_distribution(t)
+    return probs / probs.sum(-1, keepdim=True)  # int8 rounding can leave the sum slightly off 1
+
+
+# --------------------------------------------------------------------------- the framework
+
+
+class KDFramework(Framework):
+    name = "kd"
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        public, test = ctx.data.public, ctx.data.test
+        if not len(public):
+            raise FedtuneError("kd needs a public dataset: set data.public_size > 0")
+        shared = set(public.texts) & set(test.texts)
+        if shared:
+            raise FedtuneError(
+                f"the public set shares {len(shared)} texts with the test set (e.g. {sorted(shared)[0]!r}); "
+                f"the server model would be tested on what it learned from: remove them from the data"
+            )
+        self.init_state = models.get_tunable(ctx.model)
+        self.global_state = dict(self.init_state)
+        self.knowledge: dict[str, torch.Tensor] = {}  # what configure sends: the last b6 outputs
+        # Where each public example's rows sit in the payload.
+        counts = torch.tensor(ctx.task.rows_per_example(public.labels))
+        self.row_count, self.row_start = counts, torch.cumsum(counts, 0) - counts
+        self.rows = int(counts.sum())
+        with torch.no_grad():
+            first = ctx.batches("public", public.labels, 1, limit=1)[0].to(ctx.device)
+            ctx.model.eval()
+            self.width = ctx.task.outputs(ctx.model, first).shape[-1]
+
+    # ---- helpers shared by client and server
+    def decode(self, tensors):
+        return decode_outputs(tensors, self.cfg.kd, self.rows, self.width)
+
+    def rows_of(self, examples: torch.Tensor) -> torch.Tensor:
+        starts, counts = self.row_start[examples], self.row_count[examples]
+        offset = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        return torch.repeat_interleave(starts, counts) + offset
+
+    @torch.no_grad()
+    def public_outputs(self) -> tuple[torch.Tensor, int]:
+        """b2 / b6: the current model's outputs on the public set -> (rows x width, FLOPs)."""
+        ctx, out, flops = self.ctx, [], 0
+        ctx.model.eval()
+        for batch in ctx.public_batches():
+            out.append(ctx.task.outputs(ctx.model, batch.to(ctx.device)).float().cpu())
+            flops += ctx.task.flops(ctx.flops, batch, train=False)
+        return torch.cat(out), flops
+
+    def distil(self, teacher: torch.Tensor, keep: torch.Tensor, epochs: int, lr: float, head_lr: float,
+               *seed) -> tuple[float, int]:
+        """b5 / b8: fit the current model to ``teacher`` on the public examples with a kept row."""
+        ctx, cfg = self.ctx, self.cfg
+        example_of_row = torch.repeat_interleave(torch.arange(len(self.row_count)), self.row_count)
+        kept_rows = torch.zeros(len(self.row_count)).index_add_(0, example_of_row, keep.float())
+        kept_examples = kept_rows.nonzero().flatten().tolist()
+        if not kept_examples or not epochs:
+            return 0.0, 0
+        ids = [ctx.ids["public"][i] for i in kept_examples]
+        labels = [ctx.data.public.labels[i] for i in kept_examples]
+        back = torch.tensor(kept_examples)
+
+        def loss_fn(model, batch):
+            rows = self.rows_of(back[batch.index.cpu()])
+            out = ctx.task.outputs(model, batch)
+            return kd_loss(out, teacher[rows].to(out.device), cfg.kd.temperature, keep[rows].float().to(out.device))
+
+        optimizer = make_optimizer(ctx.model, cfg.train, lr, head_lr)
+        loss, flops = 0.0, 0
+        for epoch in range(epochs):
+            batches = datalib.batches(ids, labels, cfg.train.batch_size, ctx.tokenizer.pad_token_id, cfg.data.padding,
+                                      cfg.data.max_length, derive_seed(cfg.seed, *seed, epoch))
+            loss, f = train_pass(ctx.model, batches, cfg.train, ctx.device, ctx.flops, loss_fn, optimizer,
+                                 ctx.on_step, lambda b: ctx.task.flops(ctx.flops, b, True))
+            flops += f
+        return loss, flops
+
+    # ---- server side
+    def configure(self, rnd, cid):  # b7: last round's global outputs (none in round 1)
+        return Message(self.knowledge)
+
+    def aggregate(self, rnd, results):
+        cfg, ctx = self.cfg, self.ctx
+        probs, weights, rejected = [], [], {}
+        for cid in sorted(results):
+            msg, metrics = results[cid]
+            try:
+                probs.append(self.decode(msg.tensors))  # b4 starts by checking each upload
+            except FedtuneError as exc:
+                rejected[str(cid)] = str(exc)
+                log.warning("round %d: rejected client %s's upload: %s", rnd, cid, exc)
+                continue
+            weights.append(float(metrics.get("num_samples", 1)))
+        record = {"rejected": rejected} if rejected else {}
+        if not probs:  # nothing usable: the global model and its knowledge stay as they were
+            return {**record, "kd_rows_kept": 0}
+        teacher, keep = refine(probs, weights, cfg.kd)
+        models.set_tunable(ctx.model, self.global_state)
+        head_lr = cfg.kd.server_lr * cfg.train.head_lr / cfg.train.lr  # the head keeps its faster rate
+        with seeded(cfg.seed, "server-kd", rnd):  # b5
+            loss, distil_flops = self.distil(teacher, keep, cfg.kd.server_epochs, cfg.kd.server_lr, head_lr,
+                                             "server-kd", rnd)
+        self.global_state = models.get_tunable(ctx.model)
+        outputs, out_flops = self.public_outputs()  # b6
+        self.knowledge = encode_outputs(outputs, cfg.kd)
+        return {**record, "server_kd_loss": loss, "kd_rows": self.rows, "kd_rows_kept": int(keep.sum()),
+                "server_flops": distil_flops + out_flops}
+
+    def evaluate(self, rnd):
+        ev = self.ctx.task.evaluate(self.global_model(), self.ctx.test_batches(), self.ctx.device)
+        return {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"]}
+
+    # ---- client side
+    def fit(self, rnd, cid, msg, state, link):
+        ctx, cfg = self.ctx, self.cfg
+        models.set_tunable(ctx.model, state["tunable"] if state else self.init_state)
+        metrics: dict = {}
+        kd_flops = 0
+        if msg.tensors:  # b8: align the local model with the global knowledge
+            teacher = self.decode(msg.tensors)
+            keep = torch.ones(self.rows, dtype=torch.bool)
+            metrics["client_kd_loss"], kd_flops = self.distil(
+                teacher, keep, cfg.kd.client_kd_epochs, cfg.train.lr, cfg.train.head_lr, "client-kd", rnd, cid)
+        loss, train_flops = self.local_train(rnd, cid)  # b1
+        outputs, public_flops = self.public_outputs()  # b2
+        if cfg.kd.client_eval_size:  # the client's own model, not counted as protocol compute
+            ev = ctx.task.evaluate(ctx.model, ctx.test_batches(limit=cfg.kd.client_eval_size), ctx.device)
+            metrics["client_test_accuracy"] = ev["accuracy"]
+        metrics.update(
+            train_loss=loss, num_samples=len(ctx.data.clients[cid]),
+            client_flops=train_flops + public_flops + kd_flops,
+            client_flops_train=train_flops, client_flops_public=public_flops, client_flops_kd=kd_flops,
+        )
+        # b3: upload the compressed outputs; keep the local model for the next round
+        return ClientResult(Message(encode_outputs(outputs, cfg.kd)), {"tunable": models.get_tunable(ctx.model)}, metrics)
+
+    # ---- checkpointing and the final model
+    def global_model(self):
+        models.set_tunable(self.ctx.model, self.global_state)
+        return self.ctx.model
+
+    def state_dict(self):
+        return {"global_state": self.global_state, "knowledge": self.knowledge}
+
+    def load_state_dict(self, state):
+        self.global_state, self.knowledge = state["global_state"], state["knowledge"]

@@ -1,0 +1,175 @@
+"""Tasks: what a model is asked to output, and everything that depends on it: how a text and
+its label become token ids, which outputs the loss and accuracy read, and what they cost.
+
+- ``classify``: a sequence-classification head; one output row per example (width = labels).
+- ``generate``: a causal LM fine-tuned instruction-style to write the intent name after the
+  query; one output row per *answer token* (width = vocabulary). Loss is on the answer tokens
+  only; an example is correct when greedy decoding reproduces its label exactly.
+
+Batches keep the class index as ``labels`` for both tasks: with right padding the answer is
+the last ``len(answer)`` tokens of each row, so its positions follow from the label alone.
+
+Every framework goes through ``Task.outputs/loss/evaluate/flops``; KD exchanges the rows of
+``outputs`` on the public set, so its payload grows from labels to vocabulary under generate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import Batch, Split
+from .errors import FedtuneError
+from .metering import FlopModel
+
+
+class Task:
+    name: str
+
+    def encode(self, split: Split) -> list[list[int]]:
+        """Token ids of each example (truncated, unpadded)."""
+        raise NotImplementedError
+
+    def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The logits the task reads: (rows, width), rows in batch order."""
+        raise NotImplementedError
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        """The correct class of each output row."""
+        raise NotImplementedError
+
+    def row_sample(self, batch: Batch) -> torch.Tensor:
+        """For each output row, the position in the batch of the example it belongs to."""
+        raise NotImplementedError
+
+    def rows_per_example(self, labels: list[int]) -> list[int]:
+        raise NotImplementedError
+
+    def flops(self, fm: FlopModel, batch: Batch, train: bool) -> int:
+        return fm.count(*batch.shape, train=train)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self.outputs(model, batch), self.targets(batch))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: list[Batch], device: torch.device) -> dict[str, float]:
+        """-> accuracy (an example is right when all its rows are) and mean loss per row."""
+        model.eval()
+        loss_sum, rows, correct, examples = 0.0, 0, 0, 0
+        for batch in batches:
+            b = batch.to(device)
+            out = self.outputs(model, b).float()
+            tgt = self.targets(b)
+            loss_sum += F.cross_entropy(out, tgt, reduction="sum").item()
+            rows += len(tgt)
+            wrong = torch.zeros(len(b.labels), device=out.device)
+            wrong.index_add_(0, self.row_sample(b), (out.argmax(-1) != tgt).float())
+            correct += int((wrong == 0).sum())
+            examples += len(b.labels)
+        return {"accuracy": correct / max(examples, 1), "loss": loss_sum / max(rows, 1)}
+
+
+class ClassifyTask(Task):
+    name = "classify"
+
+    def __init__(self, tokenizer, label_names: list[str], max_length: int):
+        self.tok, self.max_length = tokenizer, max_length
+
+    def encode(self, split: Split) -> list[list[int]]:
+        from .data import encode
+
+        return encode(self.tok, split.texts, self.max_length)
+
+    def outputs(self, model, batch):
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+    def targets(self, batch):
+        return batch.labels
+
+    def row_sample(self, batch):
+        return torch.arange(len(batch.labels), device=batch.labels.device)
+
+    def rows_per_example(self, labels):
+        return [1] * len(labels)
+
+
+class GenerateTask(Task):
+    name = "generate"
+    PROMPT = "Query: {text}\nIntent:"
+
+    def __init__(self, tokenizer, label_names: list[str], max_length: int):
+        self.tok, self.max_length, self.label_names = tokenizer, max_length, label_names
+        eos = tokenizer.eos_token_id
+        # The answer is " <label>" then end-of-sequence: exact match needs the model to stop.
+        self.answers = [tokenizer(" " + n, add_special_tokens=False)["input_ids"] + [eos] for n in label_names]
+        self.answer_len = torch.tensor([len(a) for a in self.answers])
+        if int(self.answer_len.max()) >= max_length:
+            raise FedtuneError(f"data.max_length ({max_length}) is too short for the longest label's tokens")
+
+    def encode(self, split: Split) -> list[list[int]]:
+        prompts = self.tok([self.PROMPT.format(text=t) for t in split.texts])["input_ids"]
+        # Truncate the prompt, never the answer.
+        return [p[: self.max_length - len(self.answers[y])] + self.answers[y] for p, y in zip(prompts, split.labels)]
+
+    def positions(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, position) of every logit that predicts an answer token (position + 1)."""
+        alen = self.answer_len.to(batch.labels.device)[batch.labels]
+        length = batch.attention_mask.sum(1)
+        rows = torch.repeat_interleave(torch.arange(len(alen), device=alen.device), alen)
+        first = torch.repeat_interleave(length - alen - 1, alen)
+        offset = torch.arange(len(rows), device=alen.device) - torch.repeat_interleave(torch.cumsum(alen, 0) - alen, alen)
+        return rows, first + offset
+
+    def outputs(self, model, batch):
+        # The vocabulary projection is computed at the answer positions only (it dominates the
+        # cost of small models with a large vocabulary); ``flops`` counts exactly that.
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        rows, pos = self.positions(batch)
+        return base.get_output_embeddings()(hidden[rows, pos])
+
+    def targets(self, batch):
+        rows, pos = self.positions(batch)
+        return batch.input_ids[rows, pos + 1]
+
+    def row_sample(self, batch):
+        return self.positions(batch)[0]
+
+    def rows_per_example(self, labels):
+        return [len(self.answers[y]) for y in labels]
+
+    def flops(self, fm, batch, train):
+        answer_tokens = int(self.answer_len[batch.labels.cpu()].sum())
+        body = fm.count(*batch.shape, train=train, head=False)
+        return body + fm.count(answer_tokens, 1, train=train, blocks=range(0), head=True)
+
+    @torch.no_grad()
+    def decode(self, model: nn.Module, batch: Batch, device: torch.device) -> list[str]:
+        """Greedy decoding of each example's answer from its prompt alone, one token at a time
+        (for inspection and tests; ``evaluate`` gets the same exact-match verdict from one
+        teacher-forced pass, since greedy output equals the label iff every step's argmax does)."""
+        model.eval()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        eos, longest = self.tok.eos_token_id, int(self.answer_len.max())
+        out = []
+        for r in range(len(batch.labels)):
+            n = int(batch.attention_mask[r].sum()) - int(self.answer_len[batch.labels[r]])
+            ids = batch.input_ids[r : r + 1, :n].to(device)
+            new: list[int] = []
+            for _ in range(longest):
+                nxt = int(base(input_ids=ids).logits[0, -1].argmax())
+                if nxt == eos:
+                    break
+                new.append(nxt)
+                ids = torch.cat([ids, torch.tensor([[nxt]], device=device)], 1)
+            out.append(self.tok.decode(new).strip())
+        return out
+
+
+TASKS = {"classify": ClassifyTask, "generate": GenerateTask}
+
+
+def make(name: str, tokenizer, label_names: list[str], max_length: int) -> Task:
+    if name not in TASKS:
+        raise FedtuneError(f"unknown task {name!r}; choose from {', '.join(TASKS)}")
+    return TASKS[name](tokenizer, label_names, max_length)
