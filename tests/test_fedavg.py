@@ -70,11 +70,11 @@ class KillAt(Progress):
             raise KeyboardInterrupt
 
 
-@pytest.mark.parametrize("framework", ["fedavg"])
+@pytest.mark.parametrize("framework", ["fedavg", "kd"])
 def test_resumed_run_ends_with_the_same_metrics(tmp_path, framework):
-    whole = tiny_config(tmp_path / "a", framework=framework, fed__rounds=3)
+    whole = tiny_config(tmp_path / "a", framework=framework, fed__rounds=3, kd__client_eval_size=50)
     run_tiny(whole)
-    cut = tiny_config(tmp_path / "b", framework=framework, fed__rounds=3)
+    cut = tiny_config(tmp_path / "b", framework=framework, fed__rounds=3, kd__client_eval_size=50)
     rundir = RunDir.create(cut)
     with pytest.raises(KeyboardInterrupt):
         run(cut, rundir, KillAt(rnd=2, after=1))  # killed mid-round 2: one client record written
