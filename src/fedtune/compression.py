@@ -33,10 +33,17 @@ def dequantize(t: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
     return values.float()
 
 
-def topk_encode(x: torch.Tensor, k: int, dtype: str = "fp32", prefix: str = "") -> dict[str, torch.Tensor]:
-    """Keep the k largest entries of each last-dim row as (index, value) pairs."""
+def topk_encode(
+    x: torch.Tensor, k: int, dtype: str = "fp32", prefix: str = "", magnitude: bool = False
+) -> dict[str, torch.Tensor]:
+    """Keep the k largest entries of each last-dim row as (index, value) pairs; with
+    ``magnitude`` the k largest in absolute value (activations, where sign carries no rank)."""
     k = min(k, x.shape[-1])
-    values, index = torch.topk(x, k, dim=-1)
+    if magnitude:
+        index = torch.topk(x.abs(), k, dim=-1).indices
+        values = x.gather(-1, index)
+    else:
+        values, index = torch.topk(x, k, dim=-1)
     idx_dtype = torch.int16 if x.shape[-1] <= 32767 else torch.int32
     out = quantize(values, dtype, prefix)
     out[f"{prefix}index"] = index.to(idx_dtype)

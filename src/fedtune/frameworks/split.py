@@ -1,0 +1,161 @@
+"""Split-FedLLM (SplitLoRA, SplitFed-V2 style): the model is cut after ``split.split_layer``
+blocks. Per batch, the client runs its part and sends the activations (c1, c2); the server
+runs the rest, computes the loss, steps its optimizer and returns the activations' gradient
+(c3, c4); the client backpropagates it and steps (c5). One server-side part serves every
+client in turn. At the end of a round the clients upload their client-side LoRA, which the
+server averages and sends back (cc1-cc4).
+
+Activations cross the cut packed (real tokens only, see splitting.py) and, optionally,
+compressed: ``split.act_dtype`` fp16/bf16/int8 (a scale per token) and ``split.act_topk``
+(the fraction of each token's values kept, by magnitude). The client applies the returned
+gradient to its exact activations (straight-through); with top-k the server answers only
+for the kept entries, the others got no gradient."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .. import compression, models
+from ..aggregation import make_strategy
+from ..errors import FedtuneError
+from ..metering import Message, serialize
+from ..splitting import SplitModel
+from ..training import evaluate, make_optimizer, seeded
+from .base import ClientResult, Context, Framework
+
+ACT, GRAD = "act.", "grad."
+
+
+class SplitFramework(Framework):
+    name = "split"
+
+    def __init__(self, ctx: Context):
+        super().__init__(ctx)
+        self.split = SplitModel(ctx.model, self.cfg.split.split_layer)
+        self.client_global = models.get_tunable(self.split.client)
+        self.strategy = make_strategy(self.cfg.fed.strategy)
+        # The server keeps its part and its optimizer across clients and rounds.
+        self.server_opt = make_optimizer(self.split.server, self.cfg.train)
+        self.server_lock = threading.Lock()  # one server part: concurrent clients take turns
+        self.server_meter = {"server_flops": 0, "server_train_seconds": 0.0, "server_train_samples": 0}
+
+    # ---- what crosses the cut
+    def encode_activations(self, packed: torch.Tensor) -> dict[str, torch.Tensor]:
+        s = self.cfg.split
+        if s.act_topk:
+            k = max(1, math.ceil(s.act_topk * packed.shape[-1]))
+            return compression.topk_encode(packed, k, s.act_dtype, ACT, magnitude=True)
+        return compression.quantize(packed, s.act_dtype, ACT)
+
+    @staticmethod
+    def decode_activations(t: dict[str, torch.Tensor]) -> torch.Tensor:
+        if f"{ACT}index" in t:
+            return compression.topk_decode_dense(t, prefix=ACT)
+        return compression.dequantize(t, ACT)
+
+    # ---- server side
+    def configure(self, rnd, cid):  # cc3: the global client-side LoRA
+        return Message(self.client_global)
+
+    def serve(self, rnd, cid, msg):  # c3, c4
+        dev, split = self.ctx.device, self.split
+        mask = msg.tensors["mask"].to(dev)
+        labels = msg.tensors["labels"].to(dev)
+        act = self.decode_activations(msg.tensors).to(dev).requires_grad_()
+        # Seeded per batch: the server's dropout does not depend on which client came first.
+        with self.server_lock, seeded(self.cfg.seed, "serve", rnd, cid, msg.meta["step"]):
+            start = time.perf_counter()
+            split.server.train()
+            loss = F.cross_entropy(split.server_forward(act, mask), labels)
+            self.server_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            if self.cfg.train.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(split.server.parameters(), self.cfg.train.max_grad_norm)
+            self.server_opt.step()
+            grad = act.grad
+            if f"{ACT}index" in msg.tensors:  # only the kept entries reached the server
+                grad = grad.gather(-1, msg.tensors[f"{ACT}index"].long().to(dev))
+            reply = Message(compression.quantize(grad, self.cfg.split.act_dtype, GRAD), {"loss": loss.item()})
+            m = self.server_meter
+            m["server_flops"] += self.ctx.flops.count(
+                *mask.shape, train=True, blocks=range(split.layer, split.num_blocks), head=True
+            )
+            m["server_train_seconds"] += time.perf_counter() - start
+            m["server_train_samples"] += mask.shape[0]
+        return reply
+
+    def aggregate(self, rnd, results):  # cc2
+        updates = [(msg.tensors, metrics["num_samples"]) for msg, metrics in results.values()]
+        self.client_global = self.strategy.aggregate(self.client_global, updates)
+        meter, self.server_meter = self.server_meter, dict.fromkeys(self.server_meter, 0)
+        return meter
+
+    def evaluate(self, rnd):
+        ev = evaluate(self.global_model(), self.ctx.test_batches(), self.ctx.device)
+        return {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"]}
+
+    # ---- client side
+    def fit(self, rnd, cid, msg, state, link):
+        if link is None:
+            raise FedtuneError("split learning needs a runtime that links each client to the server per batch")
+        ctx, split, train = self.ctx, self.split, self.cfg.train
+        models.set_tunable(split.client, msg.tensors)  # cc4
+        optimizer = make_optimizer(split.client, train)
+        client_blocks = range(0, split.layer)
+        flops, step, samples = 0, 0, 0
+        for epoch in range(train.local_epochs):
+            batches = ctx.client_batches(rnd, cid, epoch, self.cfg.split.samples_per_round)
+            losses = []
+            for batch in batches:
+                batch = batch.to(ctx.device)
+                split.client.train()
+                packed = split.client_forward(batch.input_ids, batch.attention_mask)  # c1
+                up = self.encode_activations(packed.detach())
+                up.update(mask=batch.attention_mask.bool(), labels=batch.labels)
+                reply = link.exchange(Message(up, {"step": step}))  # c2 ... c4
+                grad = compression.dequantize(reply.tensors, GRAD).to(ctx.device)
+                if f"{ACT}index" in up:
+                    grad = torch.zeros_like(packed).scatter_(-1, up[f"{ACT}index"].long(), grad)
+                optimizer.zero_grad(set_to_none=True)
+                packed.backward(grad)  # c5
+                if train.max_grad_norm:
+                    torch.nn.utils.clip_grad_norm_(split.client.parameters(), train.max_grad_norm)
+                optimizer.step()
+                losses.append(reply.meta["loss"])
+                flops += ctx.flops.count(*batch.shape, train=True, blocks=client_blocks, head=False)
+                step += 1
+                if ctx.on_step:
+                    ctx.on_step(len(losses), len(batches))
+            samples = max(samples, sum(len(b.index) for b in batches))
+        up_msg = Message(models.get_tunable(split.client))  # cc1
+        metrics = {
+            "train_loss": sum(losses) / max(len(losses), 1),
+            "client_flops": flops,
+            "num_samples": samples,
+            "batches": step,
+            "adapter_bytes_up": len(serialize(up_msg)),
+            "adapter_bytes_down": len(serialize(msg)),
+        }
+        return ClientResult(up_msg, None, metrics)
+
+    # ---- checkpointing and the final model
+    def global_model(self):
+        models.set_tunable(self.split.client, self.client_global)
+        return self.ctx.model
+
+    def state_dict(self):
+        return {
+            "client_global": self.client_global,
+            "server_state": models.get_tunable(self.split.server),
+            "server_opt": self.server_opt.state_dict(),
+        }
+
+    def load_state_dict(self, state):
+        self.client_global = state["client_global"]
+        models.set_tunable(self.split.server, state["server_state"])
+        self.server_opt.load_state_dict(state["server_opt"])

@@ -1,0 +1,182 @@
+"""Cutting a (LoRA-wrapped) sequence classifier in two for split learning.
+
+The client part is the embeddings and the first ``layer`` transformer blocks; the server part
+is the remaining blocks, the final norm and the classification head. Both parts are *views*
+of one shared model (``nn.ModuleList``s holding the same modules), so the frozen base exists
+once and each part's tunable state (LoRA, head) is read and written with
+``models.get_tunable/set_tunable`` on its view.
+
+Each part runs the real Hugging Face modules (embeddings, blocks, norms, heads) with the
+arguments their model's own ``forward`` would give them; what differs per architecture is
+only the glue, in one small class per family below.
+
+The activations cross the cut *packed*: only the real (attention-mask = 1) tokens, as an
+(N_tokens, hidden) matrix. That is exact: with right padding a causal model's real tokens
+never read the padded ones, an encoder masks them out as keys, and no head reads a padded
+position, so the server may fill them with zeros and their gradient is zero.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import FedtuneError
+
+
+def hf_model(model: nn.Module) -> nn.Module:
+    """The Hugging Face model inside a peft wrapper (or the model itself)."""
+    return model.base_model.model if hasattr(model, "peft_config") else model
+
+
+def _positions(hidden: torch.Tensor) -> torch.Tensor:
+    return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
+
+
+def _last_token(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Pool each row at its last real token, as the decoder classification heads do."""
+    index = torch.arange(mask.shape[1], device=mask.device) * mask.to(torch.long)
+    return logits[torch.arange(logits.shape[0], device=logits.device), index.argmax(-1)]
+
+
+class Glue:
+    """How one architecture family embeds tokens, what its blocks take, and its head."""
+
+    blocks: nn.ModuleList
+    client_modules: list[nn.Module]  # besides the blocks
+    server_modules: list[nn.Module]
+
+    def __init__(self, hf: nn.Module):
+        self.hf = hf
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def block_kwargs(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict:
+        raise NotImplementedError
+
+    def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class GPT2Glue(Glue):
+    def __init__(self, hf):
+        super().__init__(hf)
+        t = hf.transformer
+        self.blocks = t.h
+        self.client_modules = [t.wte, t.wpe, t.drop]
+        self.server_modules = [t.ln_f, hf.score]
+
+    def embed(self, input_ids):
+        t = self.hf.transformer
+        hidden = t.wte(input_ids)
+        return t.drop(hidden + t.wpe(_positions(hidden)))
+
+    def block_kwargs(self, hidden, mask):
+        from transformers.masking_utils import create_causal_mask
+
+        pos = _positions(hidden)
+        causal = create_causal_mask(
+            config=self.hf.config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None, position_ids=pos
+        )
+        return dict(attention_mask=causal, position_ids=pos)
+
+    def head(self, hidden, mask):
+        return _last_token(self.hf.score(self.hf.transformer.ln_f(hidden)), mask)
+
+
+class LlamaGlue(Glue):
+    def __init__(self, hf):
+        super().__init__(hf)
+        m = hf.model
+        self.blocks = m.layers
+        self.client_modules = [m.embed_tokens]
+        # The rotary table has no weights; the server recomputes it from the positions.
+        self.server_modules = [m.norm, hf.score]
+
+    def embed(self, input_ids):
+        return self.hf.model.embed_tokens(input_ids)
+
+    def block_kwargs(self, hidden, mask):
+        from transformers.masking_utils import create_causal_mask
+
+        pos = _positions(hidden)
+        causal = create_causal_mask(
+            config=self.hf.config, inputs_embeds=hidden, attention_mask=mask, past_key_values=None, position_ids=pos
+        )
+        rotary = self.hf.model.rotary_emb(hidden, position_ids=pos)
+        return dict(attention_mask=causal, position_ids=pos, position_embeddings=rotary)
+
+    def head(self, hidden, mask):
+        return _last_token(self.hf.score(self.hf.model.norm(hidden)), mask)
+
+
+class BertGlue(Glue):
+    def __init__(self, hf):
+        super().__init__(hf)
+        b = hf.bert
+        if b.pooler is None:
+            raise FedtuneError("split learning needs BERT's pooler for the classification head")
+        self.blocks = b.encoder.layer
+        self.client_modules = [b.embeddings]
+        self.server_modules = [b.pooler, hf.dropout, hf.classifier]
+
+    def embed(self, input_ids):
+        return self.hf.bert.embeddings(input_ids=input_ids)
+
+    def block_kwargs(self, hidden, mask):
+        from transformers.masking_utils import create_bidirectional_mask
+
+        mask = create_bidirectional_mask(config=self.hf.config, inputs_embeds=hidden, attention_mask=mask)
+        return dict(attention_mask=mask)
+
+    def head(self, hidden, mask):
+        return self.hf.classifier(self.hf.dropout(self.hf.bert.pooler(hidden)))
+
+
+# model_type -> glue, for the sequence-classification models models.build makes.
+GLUES: dict[str, type[Glue]] = {"gpt2": GPT2Glue, "llama": LlamaGlue, "bert": BertGlue}
+
+
+class SplitModel:
+    """A model cut after ``layer`` blocks: ``client`` and ``server`` are views of it."""
+
+    def __init__(self, model: nn.Module, layer: int):
+        hf = hf_model(model)
+        model_type = hf.config.model_type
+        if model_type not in GLUES:
+            raise FedtuneError(
+                f"split learning cannot split a {model_type!r} model; supported architectures: {', '.join(GLUES)}"
+            )
+        if not type(hf).__name__.endswith("ForSequenceClassification"):
+            raise FedtuneError(
+                f"split learning needs a sequence classifier (train.task=classify); got {type(hf).__name__}"
+            )
+        self.model, self.glue, self.layer = model, GLUES[model_type](hf), layer
+        n = len(self.glue.blocks)
+        if not 1 <= layer <= n - 1:
+            raise FedtuneError(f"split.split_layer must be in 1..{n - 1} for this {n}-block model; got {layer}")
+        self.num_blocks = n
+        self.client = nn.ModuleList([*self.glue.client_modules, *self.glue.blocks[:layer]])
+        self.server = nn.ModuleList([*self.glue.blocks[layer:], *self.glue.server_modules])
+        parts = {id(p) for part in (self.client, self.server) for p in part.parameters() if p.requires_grad}
+        stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in parts]
+        if stray:
+            raise FedtuneError(f"split learning cannot place the tunable parameter {stray[0]} on client or server")
+
+    def client_forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """-> the packed activations at the cut, (real tokens, hidden)."""
+        hidden = self.glue.embed(input_ids)
+        kwargs = self.glue.block_kwargs(hidden, mask)
+        for block in self.glue.blocks[: self.layer]:
+            hidden = block(hidden, **kwargs)
+        return hidden[mask.bool()]
+
+    def server_forward(self, packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Packed activations -> logits (batch, labels)."""
+        hidden = packed.new_zeros(*mask.shape, packed.shape[-1])
+        hidden[mask.bool()] = packed
+        kwargs = self.glue.block_kwargs(hidden, mask)
+        for block in self.glue.blocks[self.layer :]:
+            hidden = block(hidden, **kwargs)
+        return self.glue.head(hidden, mask)
