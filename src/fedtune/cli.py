@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("fedtune: interrupted; resume with --resume", file=sys.stderr)
+        print("fedtune: interrupted; resume with --resume (a sweep: rerun the same command)", file=sys.stderr)
         return 130
     return 1
 

@@ -1,0 +1,283 @@
+"""Sweeps: a grid over any config keys x seeds, each point a normal run directory.
+
+An experiment file (TOML) holds a base config and one or more sub-grids:
+
+    [sweep]
+    preset = "demo"            # the preset every point starts from
+    seeds = [0, 1]             # default: the preset's / base config's `seeds`
+    out = "runs/sweep-cpu"     # default: runs/sweep-<file stem>
+
+    [base.model]               # config sections applied to every point
+    name = "minilm"
+
+    [[grid]]
+    name = "fedavg"                                  # default: the grid's framework
+    set = { framework = "fedavg" }                   # fixed keys for this sub-grid
+    vary = { "model.lora_r" = [1, 2, 4, 8, 16] }     # cartesian product over these lists
+
+A point's directory is ``<out>/<grid>__<key>-<value>...__seed<seed>``. Points with a
+``summary.json`` are done and skipped; a started point resumes from its checkpoint (or starts
+over if the experiment changed its config); a point that raised leaves its traceback in
+``error.txt`` and the sweep goes on to the next point.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import shutil
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import config as configlib
+from .errors import FedtuneError
+from .reporting import Progress, RichProgress
+from .rundir import CONFIG, SUMMARY, RunDir
+
+ERROR = "error.txt"
+GRID_KEYS = {"name", "set", "vary", "seeds"}
+# Keys that may differ between the saved config of a started point and the experiment
+# without making it a different point (where it lives, how many threads ran it).
+NOT_IDENTITY = {"out", "seeds", "train.threads", "train.device"}
+
+
+@dataclass
+class Point:
+    name: str  # directory name under the sweep's out
+    grid: str
+    values: dict[str, Any]  # the varied keys at this point
+    seed: int
+    cfg: configlib.RunConfig
+
+
+@dataclass
+class Experiment:
+    path: Path
+    out: Path
+    points: list[Point]
+
+
+@dataclass
+class SweepResult:
+    done: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+
+
+def _value_text(value: Any) -> str:
+    text = format(value, "g") if isinstance(value, float) else str(value)
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", text)
+
+
+def _point_name(grid: str, values: dict[str, Any], seed: int) -> str:
+    # The key's last part is enough unless two varied keys share it (e.g. kd.x and split.x).
+    last = [k.split(".")[-1] for k in values]
+    parts = [grid]
+    for key, value in values.items():
+        short = key.split(".")[-1] if last.count(key.split(".")[-1]) == 1 else key
+        parts.append(f"{short}-{_value_text(value)}")
+    return "__".join(parts + [f"seed{seed}"])
+
+
+def _table(tree: dict, key: str, where: str) -> dict:
+    value = tree.get(key, {})
+    if not isinstance(value, dict):
+        raise FedtuneError(f"{where}: '{key}' must be a table")
+    return value
+
+
+def load(path: str | Path, out: str | Path | None = None) -> Experiment:
+    """Read an experiment file and expand it into points (every config is built and
+    validated here, so a typo fails before anything runs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedtuneError(f"{path}: experiment file not found")
+    try:
+        tree = configlib.tomllib.loads(path.read_text())
+    except Exception as exc:
+        raise FedtuneError(f"{path}: cannot parse experiment: {exc}") from None
+    unknown = set(tree) - {"sweep", "base", "grid"}
+    if unknown:
+        raise FedtuneError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; expected sweep, base, grid")
+    head = _table(tree, "sweep", str(path))
+    bad = set(head) - {"preset", "seeds", "out"}
+    if bad:
+        raise FedtuneError(f"{path}: unknown [sweep] key(s) {', '.join(sorted(bad))}; expected preset, seeds, out")
+    preset = head.get("preset", "demo")
+    base = configlib._flatten(_table(tree, "base", str(path)))
+    base_cfg = configlib.build_config(preset, None, base)
+    default_seeds = head.get("seeds", base_cfg.seeds)
+    out = Path(out or head.get("out") or f"runs/sweep-{path.stem}")
+    grids = tree.get("grid") or [{}]
+    if not isinstance(grids, list):
+        raise FedtuneError(f"{path}: 'grid' must be an array of tables ([[grid]])")
+
+    points: list[Point] = []
+    for i, grid in enumerate(grids, 1):
+        where = f"{path}: grid {i}"
+        bad = set(grid) - GRID_KEYS
+        if bad:
+            raise FedtuneError(f"{where}: unknown key(s) {', '.join(sorted(bad))}; expected {', '.join(sorted(GRID_KEYS))}")
+        fixed = configlib._flatten(_table(grid, "set", where))
+        vary = configlib._flatten(_table(grid, "vary", where))
+        for key, values in vary.items():
+            if not isinstance(values, list) or not values:
+                raise FedtuneError(f"{where}: vary.{key} must be a non-empty list of values")
+        seeds = grid.get("seeds", default_seeds)
+        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+            raise FedtuneError(f"{where}: seeds must be a non-empty list of integers")
+        name = str(grid.get("name") or fixed.get("framework") or base_cfg.framework)
+        if any(p.grid == name for p in points):
+            raise FedtuneError(f"{where}: grid name {name!r} is used twice; give each grid its own name")
+        for combo in itertools.product(*vary.values()):
+            values = dict(zip(vary, combo))
+            for seed in seeds:
+                pname = _point_name(name, values, seed)
+                overrides = {**base, **fixed, **values, "seed": seed, "out": str(out / pname)}
+                try:
+                    cfg = configlib.build_config(preset, None, overrides)
+                except FedtuneError as exc:
+                    raise FedtuneError(f"{where}: {exc}") from None
+                points.append(Point(pname, name, values, seed, cfg))
+    return Experiment(path, out, points)
+
+
+def _identity(cfg: configlib.RunConfig) -> dict[str, Any]:
+    flat = configlib._flatten(configlib.to_dict(cfg))
+    return {k: v for k, v in flat.items() if k not in NOT_IDENTITY}
+
+
+def changed_keys(point: Point) -> list[str]:
+    """Keys where the run already in the point's directory differs from the experiment."""
+    path = Path(point.cfg.out)
+    if not (path / CONFIG).is_file():
+        return []
+    saved = _identity(RunDir.open(path)[1])
+    return [k for k, v in _identity(point.cfg).items() if saved.get(k) != v]
+
+
+def run_point(point: Point, progress: Progress | None = None) -> tuple[str, dict[str, Any]]:
+    """Run, resume or skip one point -> (what happened: "done"/"skipped", its summary)."""
+    from .runtimes import run
+
+    path = Path(point.cfg.out)
+    if (path / SUMMARY).is_file():
+        return "skipped", json.loads((path / SUMMARY).read_text())
+    if changed_keys(point):  # an unfinished run of an edited experiment: start it over
+        shutil.rmtree(path)
+    (path / ERROR).unlink(missing_ok=True)
+    if (path / CONFIG).is_file():
+        return "done", run(point.cfg, RunDir(path), progress, resume=True)
+    return "done", run(point.cfg, RunDir.create(point.cfg), progress)
+
+
+class SweepProgress(RichProgress):
+    """One live display for the whole sweep: points, then the current point's rounds and steps."""
+
+    def __init__(self, total: int, done: int):
+        super().__init__()
+        self.points = self.bar.add_task("sweep", total=total, completed=done)
+        self.bar.start()
+
+    def point(self, name: str) -> None:
+        self.bar.update(self.points, description=f"sweep: {name}")
+
+    def point_done(self) -> None:
+        self.bar.update(self.points, advance=1)
+
+    def start(self, rounds, first):
+        if self.rounds is None:
+            self.rounds = self.bar.add_task("rounds", total=rounds, completed=first - 1)
+            self.steps = self.bar.add_task("steps", total=1)
+        self.last = ""
+        self.bar.reset(self.rounds, total=rounds, completed=first - 1, description="rounds")
+
+    def stop(self):  # a point ended; the display lives until the sweep ends
+        pass
+
+    def close(self):
+        self.bar.stop()
+
+
+def run_sweep(exp: Experiment, console=None, live: bool = True, fail_fast: bool = False) -> SweepResult:
+    """Run every point of ``exp`` in this process, one after another."""
+    from rich.console import Console
+    from rich.markup import escape
+
+    console = console or Console(stderr=True)
+    # An edited experiment must not silently mix old and new results in one report.
+    for point in exp.points:
+        changed = changed_keys(point) if (Path(point.cfg.out) / SUMMARY).is_file() else []
+        if changed:
+            raise FedtuneError(
+                f"{point.cfg.out} holds a finished run with another config ({', '.join(changed[:3])}); "
+                "delete it or sweep into another --out"
+            )
+    exp.out.mkdir(parents=True, exist_ok=True)
+    (exp.out / "experiment.toml").write_text(exp.path.read_text())
+    result = SweepResult()
+    already = sum((Path(p.cfg.out) / SUMMARY).is_file() for p in exp.points)
+    progress = SweepProgress(len(exp.points), already) if live else None
+    log = progress.bar.console.print if progress else console.print
+    try:
+        for i, point in enumerate(exp.points, 1):
+            if progress:
+                progress.point(point.name)
+            started = time.perf_counter()
+            try:
+                status, summary = run_point(point, progress)
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except Exception as exc:
+                if fail_fast:
+                    raise
+                Path(point.cfg.out).mkdir(parents=True, exist_ok=True)
+                (Path(point.cfg.out) / ERROR).write_text(traceback.format_exc())
+                result.failed.append(point.name)
+                log(f"[{i}/{len(exp.points)}] {point.name}: [red]failed[/] ({type(exc).__name__}: {escape(str(exc))}); "
+                    f"traceback in {Path(point.cfg.out) / ERROR}")
+                continue
+            if status == "skipped":
+                result.skipped.append(point.name)
+                continue
+            result.done.append(point.name)
+            if progress:
+                progress.point_done()
+            acc = summary.get("final_test_accuracy")
+            acc_text = f"acc {acc:.1%}" if acc is not None else "no accuracy"
+            log(f"[{i}/{len(exp.points)}] {point.name}: {acc_text}, {time.perf_counter() - started:.0f} s")
+    finally:
+        if progress:
+            progress.close()
+    return result
+
+
+def cmd_sweep(args) -> int:
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    exp = load(args.experiment, args.out)
+    if args.dry_run:
+        for p in exp.points:
+            state = "done" if (Path(p.cfg.out) / SUMMARY).is_file() else "started" if (Path(p.cfg.out) / CONFIG).is_file() else ""
+            print(f"{p.cfg.out}  {state}")
+        print(f"{len(exp.points)} points")
+        return 0
+    console.print(f"[bold]fedtune sweep[/] {exp.path}: {len(exp.points)} points -> {exp.out}")
+    result = run_sweep(exp, console, live=not args.quiet and console.is_terminal, fail_fast=args.fail_fast)
+    console.print(f"{len(result.done)} run, {len(result.skipped)} already done, {len(result.failed)} failed")
+    if not args.no_report:
+        from .report import write_report
+
+        try:
+            print(f"report: {write_report(exp.out)}")
+        except FedtuneError as exc:  # e.g. every point failed: the failures matter more
+            console.print(f"no report: {exc}")
+    if result.failed:
+        print(f"failed points (rerun the same command to retry them): {', '.join(result.failed)}")
+        return 1
+    return 0
