@@ -232,7 +232,8 @@ class Batch:
 
     @property
     def shape(self) -> tuple[int, int]:
-        return tuple(self.input_ids.shape)
+        # The mask's: a split learning server has the mask and labels but not the token ids.
+        return tuple(self.attention_mask.shape)
 
 
 def collate(ids: list[list[int]], labels: list, rows: list[int], pad_id: int, padding: str, max_length: int) -> Batch:

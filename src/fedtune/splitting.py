@@ -1,7 +1,8 @@
-"""Cutting a (LoRA-wrapped) sequence classifier in two for split learning.
+"""Cutting a (LoRA-wrapped) sequence classifier or causal LM in two for split learning.
 
 The client part is the embeddings and the first ``layer`` transformer blocks; the server part
-is the remaining blocks, the final norm and the classification head. Both parts are *views*
+is the remaining blocks, the final norm and the output head (the classifier, or the LM head
+that the task applies at its answer positions: ``tasks.Task.from_hidden``). Both parts are *views*
 of one shared model (``nn.ModuleList``s holding the same modules), so the frozen base exists
 once and each part's tunable state (LoRA, head) is read and written with
 ``models.get_tunable/set_tunable`` on its view.
@@ -33,6 +34,15 @@ def _positions(hidden: torch.Tensor) -> torch.Tensor:
     return torch.arange(hidden.shape[1], device=hidden.device).unsqueeze(0)
 
 
+def _output_head(hf: nn.Module) -> nn.Module:
+    """The classifier's head, or a causal LM's vocabulary projection (frozen, often tied)."""
+    return hf.get_output_embeddings() if is_causal_lm(hf) else hf.score
+
+
+def is_causal_lm(hf: nn.Module) -> bool:
+    return type(hf).__name__.endswith(("ForCausalLM", "LMHeadModel"))
+
+
 def _last_token(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Pool each row at its last real token, as the decoder classification heads do."""
     index = torch.arange(mask.shape[1], device=mask.device) * mask.to(torch.long)
@@ -45,6 +55,7 @@ class Glue:
     blocks: nn.ModuleList
     client_modules: list[nn.Module]  # besides the blocks
     server_modules: list[nn.Module]
+    generates = True  # whether it also splits the family's causal LM (train.task=generate)
 
     def __init__(self, hf: nn.Module):
         self.hf = hf
@@ -55,7 +66,12 @@ class Glue:
     def block_kwargs(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict:
         raise NotImplementedError
 
+    def norm(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The final hidden states: what a causal LM's head reads."""
+        raise NotImplementedError
+
     def head(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits from the last block's output."""
         raise NotImplementedError
 
 
@@ -65,7 +81,7 @@ class GPT2Glue(Glue):
         t = hf.transformer
         self.blocks = t.h
         self.client_modules = [t.wte, t.wpe, t.drop]
-        self.server_modules = [t.ln_f, hf.score]
+        self.server_modules = [t.ln_f, _output_head(hf)]
 
     def embed(self, input_ids):
         t = self.hf.transformer
@@ -81,8 +97,11 @@ class GPT2Glue(Glue):
         )
         return dict(attention_mask=causal, position_ids=pos)
 
+    def norm(self, hidden):
+        return self.hf.transformer.ln_f(hidden)
+
     def head(self, hidden, mask):
-        return _last_token(self.hf.score(self.hf.transformer.ln_f(hidden)), mask)
+        return _last_token(self.hf.score(self.norm(hidden)), mask)
 
 
 class LlamaGlue(Glue):
@@ -92,7 +111,7 @@ class LlamaGlue(Glue):
         self.blocks = m.layers
         self.client_modules = [m.embed_tokens]
         # The rotary table has no weights; the server recomputes it from the positions.
-        self.server_modules = [m.norm, hf.score]
+        self.server_modules = [m.norm, _output_head(hf)]
 
     def embed(self, input_ids):
         return self.hf.model.embed_tokens(input_ids)
@@ -107,11 +126,16 @@ class LlamaGlue(Glue):
         rotary = self.hf.model.rotary_emb(hidden, position_ids=pos)
         return dict(attention_mask=causal, position_ids=pos, position_embeddings=rotary)
 
+    def norm(self, hidden):
+        return self.hf.model.norm(hidden)
+
     def head(self, hidden, mask):
-        return _last_token(self.hf.score(self.hf.model.norm(hidden)), mask)
+        return _last_token(self.hf.score(self.norm(hidden)), mask)
 
 
 class BertGlue(Glue):
+    generates = False  # an encoder (bidirectional mask): no causal LM to split
+
     def __init__(self, hf):
         super().__init__(hf)
         b = hf.bert
@@ -134,7 +158,7 @@ class BertGlue(Glue):
         return self.hf.classifier(self.hf.dropout(self.hf.bert.pooler(hidden)))
 
 
-# model_type -> glue, for the sequence-classification models models.build makes.
+# model_type -> glue, for the sequence-classification and causal LM models models.build makes.
 GLUES: dict[str, type[Glue]] = {"gpt2": GPT2Glue, "llama": LlamaGlue, "bert": BertGlue}
 
 
@@ -148,9 +172,13 @@ class SplitModel:
             raise FedtuneError(
                 f"split learning cannot split a {model_type!r} model; supported architectures: {', '.join(GLUES)}"
             )
-        if not type(hf).__name__.endswith("ForSequenceClassification"):
+        self.causal_lm = is_causal_lm(hf)
+        if not (self.causal_lm or type(hf).__name__.endswith("ForSequenceClassification")):
+            raise FedtuneError(f"split learning needs a sequence classifier or a causal LM; got {type(hf).__name__}")
+        if self.causal_lm and not GLUES[model_type].generates:
+            generating = ", ".join(k for k, g in GLUES.items() if g.generates)
             raise FedtuneError(
-                f"split learning needs a sequence classifier (train.task=classify); got {type(hf).__name__}"
+                f"split learning with train.task=generate supports {generating}; got a {model_type!r} model"
             )
         self.model, self.glue, self.layer = model, GLUES[model_type](hf), layer
         n = len(self.glue.blocks)
@@ -173,10 +201,11 @@ class SplitModel:
         return hidden[mask.bool()]
 
     def server_forward(self, packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Packed activations -> logits (batch, labels)."""
+        """Packed activations -> a classifier's logits (batch, labels), or a causal LM's final
+        hidden states (batch, length, hidden), which the task's ``from_hidden`` turns into logits."""
         hidden = packed.new_zeros(*mask.shape, packed.shape[-1])
         hidden[mask.bool()] = packed
         kwargs = self.glue.block_kwargs(hidden, mask)
         for block in self.glue.blocks[self.layer :]:
             hidden = block(hidden, **kwargs)
-        return self.glue.head(hidden, mask)
+        return self.glue.norm(hidden) if self.causal_lm else self.glue.head(hidden, mask)

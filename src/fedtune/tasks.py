@@ -9,7 +9,8 @@ its label become token ids, which outputs the loss and accuracy read, and what t
 Batches keep the class index as ``labels`` for both tasks: with right padding the answer is
 the last ``len(answer)`` tokens of each row, so its positions follow from the label alone.
 
-Every framework goes through ``Task.outputs/loss/evaluate/flops``; KD exchanges the rows of
+Every framework goes through ``Task.outputs/loss/evaluate/flops`` (split learning's server
+applies ``from_hidden`` to its part's final hidden states); KD exchanges the rows of
 ``outputs`` on the public set, so its payload grows from labels to vocabulary under generate."""
 
 from __future__ import annotations
@@ -45,8 +46,14 @@ class Task:
     def rows_per_example(self, labels: list[int]) -> list[int]:
         raise NotImplementedError
 
-    def flops(self, fm: FlopModel, batch: Batch, train: bool) -> int:
-        return fm.count(*batch.shape, train=train)
+    def from_hidden(self, model: nn.Module, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``outputs`` from the final hidden states (after the final norm), (batch, length, hidden):
+        what split learning's server part produces."""
+        raise NotImplementedError(f"task {self.name} has no head on the final hidden states")
+
+    def flops(self, fm: FlopModel, batch: Batch, train: bool, blocks: range | None = None) -> int:
+        """FLOPs of ``outputs`` (and its backward if train); ``blocks`` as in ``FlopModel.count``."""
+        return fm.count(*batch.shape, train=train, blocks=blocks)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
         return F.cross_entropy(self.outputs(model, batch), self.targets(batch))
@@ -103,6 +110,7 @@ class GenerateTask(Task):
         # The answer is " <label>" then end-of-sequence: exact match needs the model to stop.
         self.answers = [tokenizer(" " + n, add_special_tokens=False)["input_ids"] + [eos] for n in label_names]
         self.answer_len = torch.tensor([len(a) for a in self.answers])
+        self.answer_ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(a) for a in self.answers], batch_first=True)
         if int(self.answer_len.max()) >= max_length:
             raise FedtuneError(f"data.max_length ({max_length}) is too short for the longest label's tokens")
 
@@ -121,16 +129,23 @@ class GenerateTask(Task):
         return rows, first + offset
 
     def outputs(self, model, batch):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return self.from_hidden(model, hidden, batch)
+
+    def from_hidden(self, model, hidden, batch):
         # The vocabulary projection is computed at the answer positions only (it dominates the
         # cost of small models with a large vocabulary); ``flops`` counts exactly that.
         base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
         rows, pos = self.positions(batch)
         return base.get_output_embeddings()(hidden[rows, pos])
 
     def targets(self, batch):
-        rows, pos = self.positions(batch)
-        return batch.input_ids[rows, pos + 1]
+        # The answer tokens follow from the labels alone (``encode`` appends them), so a split
+        # learning server gets them without the token ids. Row-major order = ``positions``.
+        alen = self.answer_len.to(batch.labels.device)[batch.labels]
+        ids = self.answer_ids.to(batch.labels.device)[batch.labels]
+        return ids[torch.arange(ids.shape[1], device=ids.device) < alen.unsqueeze(1)]
 
     def row_sample(self, batch):
         return self.positions(batch)[0]
@@ -138,9 +153,9 @@ class GenerateTask(Task):
     def rows_per_example(self, labels):
         return [len(self.answers[y]) for y in labels]
 
-    def flops(self, fm, batch, train):
+    def flops(self, fm, batch, train, blocks=None):
         answer_tokens = int(self.answer_len[batch.labels.cpu()].sum())
-        body = fm.count(*batch.shape, train=train, head=False)
+        body = fm.count(*batch.shape, train=train, blocks=blocks, head=False)
         return body + fm.count(answer_tokens, 1, train=train, blocks=range(0), head=True)
 
     @torch.no_grad()

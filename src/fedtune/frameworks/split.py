@@ -22,10 +22,11 @@ import torch.nn.functional as F
 
 from .. import compression, models
 from ..aggregation import make_strategy
+from ..data import Batch
 from ..errors import FedtuneError
 from ..metering import Message, serialize
 from ..splitting import SplitModel
-from ..training import evaluate, make_optimizer, seeded
+from ..training import make_optimizer, seeded
 from .base import ClientResult, Context, Framework
 
 ACT, GRAD = "act.", "grad."
@@ -63,15 +64,19 @@ class SplitFramework(Framework):
         return Message(self.client_global)
 
     def serve(self, rnd, cid, msg):  # c3, c4
-        dev, split = self.ctx.device, self.split
+        dev, split, task = self.ctx.device, self.split, self.ctx.task
         mask = msg.tensors["mask"].to(dev)
-        labels = msg.tensors["labels"].to(dev)
+        # The server never sees the token ids: the task's targets follow from the labels.
+        batch = Batch(None, mask, msg.tensors["labels"].to(dev), None)
         act = self.decode_activations(msg.tensors).to(dev).requires_grad_()
         # Seeded per batch: the server's dropout does not depend on which client came first.
         with self.server_lock, seeded(self.cfg.seed, "serve", rnd, cid, msg.meta["step"]):
             start = time.perf_counter()
             split.server.train()
-            loss = F.cross_entropy(split.server_forward(act, mask), labels)
+            out = split.server_forward(act, mask)
+            if split.causal_lm:  # final hidden states: the task applies the LM head at its positions
+                out = task.from_hidden(self.ctx.model, out, batch)
+            loss = F.cross_entropy(out, task.targets(batch))
             self.server_opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.train.max_grad_norm:
@@ -82,9 +87,7 @@ class SplitFramework(Framework):
                 grad = grad.gather(-1, msg.tensors[f"{ACT}index"].long().to(dev))
             reply = Message(compression.quantize(grad, self.cfg.split.act_dtype, GRAD), {"loss": loss.item()})
             m = self.server_meter
-            m["server_flops"] += self.ctx.flops.count(
-                *mask.shape, train=True, blocks=range(split.layer, split.num_blocks), head=True
-            )
+            m["server_flops"] += task.flops(self.ctx.flops, batch, True, blocks=range(split.layer, split.num_blocks))
             m["server_train_seconds"] += time.perf_counter() - start
             m["server_train_samples"] += mask.shape[0]
         return reply
@@ -96,7 +99,7 @@ class SplitFramework(Framework):
         return meter
 
     def evaluate(self, rnd):
-        ev = evaluate(self.global_model(), self.ctx.test_batches(), self.ctx.device)
+        ev = self.ctx.task.evaluate(self.global_model(), self.ctx.test_batches(), self.ctx.device)
         return {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"]}
 
     # ---- client side
