@@ -65,10 +65,10 @@ def test_generate_encoding_loss_positions_and_flops(tmp_path, short_data):
 
 def test_generate_learns_and_greedy_decoding_agrees_with_exact_match(tmp_path, short_data):
     # A random tiny GPT-2's frozen output layer (tied to 0.02-scale embeddings) cannot make any
-    # token much likelier than the rest, so it learns slowly: measured exact match 0%, 0%, 29%
-    # over 3 rounds (test loss 10.17 -> 9.94). An untrained model matches nothing.
+    # token much likelier than the rest, so it learns slowly: measured exact match 0%, 0%, 14-29%,
+    # 29-30%, 29% over 5 rounds (with 1 or 2 torch threads). An untrained model matches nothing.
     cfg = tiny_config(tmp_path, train__task="generate", data__path=str(short_data), data__max_labels=0,
-                      train__lr=0.02, fed__rounds=3, data__test_size=100)
+                      train__lr=0.02, fed__rounds=5, data__test_size=100)
     summary, rundir = run_tiny(cfg)
     server = [r for r in rundir.metrics.records() if r["client"] == "server"]
     assert server[0]["test_accuracy"] == 0.0 and summary["final_test_accuracy"] >= 0.2
