@@ -54,7 +54,8 @@ def round_vs_centralized(model: str, per_client: int, repeats: int) -> dict:
         models.set_tunable(ctx.model, initial)
         batches = [b for cid in range(3) for b in ctx.client_batches(1, cid)]
         start = time.perf_counter()
-        train_pass(ctx.model, batches, cfg.train, ctx.device, ctx.flops, optimizer=make_optimizer(ctx.model, cfg.train))
+        train_pass(ctx.model, batches, cfg.train, ctx.device, ctx.flops, ctx.task.loss,
+                   optimizer=make_optimizer(ctx.model, cfg.train))
         central_times.append(time.perf_counter() - start)
     fed, central = statistics.median(fed_times), statistics.median(central_times)
     return {"model": model, "samples": 3 * per_client, "fedavg_round_s": fed, "centralized_s": central,
@@ -93,7 +94,7 @@ def padding_throughput(model: str, samples: int) -> dict:
         ctx = Context.build(cfg)
         batches = ctx.client_batches(1, 0)
         start = time.perf_counter()
-        train_pass(ctx.model, batches, cfg.train, ctx.device, ctx.flops)
+        train_pass(ctx.model, batches, cfg.train, ctx.device, ctx.flops, ctx.task.loss)
         out[f"{padding}_samples_per_s"] = samples / (time.perf_counter() - start)
         out[f"{padding}_mean_width"] = sum(b.input_ids.shape[1] for b in batches) / len(batches)
     out["speedup"] = out["dynamic_samples_per_s"] / out["max_length_samples_per_s"]

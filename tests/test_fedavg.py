@@ -42,7 +42,7 @@ def test_saved_adapter_loads_with_peft_and_predicts_the_same(tmp_path):
     from peft import PeftModel
 
     from fedtune.data import batches, encode, load
-    from fedtune.training import predict
+    from fedtune.tasks import ClassifyTask
 
     cfg = tiny_config(tmp_path, fed__rounds=1)
     _, rundir = run_tiny(cfg)
@@ -54,8 +54,7 @@ def test_saved_adapter_loads_with_peft_and_predicts_the_same(tmp_path):
         torch.manual_seed(cfg.seed)
         base = models.load_base(cfg.model, tok, 4)
     loaded = PeftModel.from_pretrained(base, rundir.path / "adapter")
-    logits, labels = predict(loaded, b, torch.device("cpu"))
-    acc = (logits.argmax(-1) == labels).float().mean().item()
+    acc = ClassifyTask(tok, fed.label_names, 80).evaluate(loaded, b, torch.device("cpu"))["accuracy"]
     assert acc == pytest.approx(json.loads((rundir.path / "summary.json").read_text())["final_test_accuracy"], abs=1e-6)
 
 

@@ -13,7 +13,6 @@ from conftest import run_tiny, tiny_config
 
 from fedtune import data as datalib
 from fedtune.frameworks import Context
-from fedtune.training import evaluate
 
 SHORT = ["card", "cash", "fee", "top"]
 
@@ -36,7 +35,13 @@ def short_data(tmp_path_factory) -> Path:
 def test_classify_task_matches_the_plain_evaluation(tmp_path):
     ctx = Context.build(tiny_config(tmp_path))
     batches = ctx.test_batches()
-    assert ctx.task.evaluate(ctx.model, batches, ctx.device) == pytest.approx(evaluate(ctx.model, batches, ctx.device))
+    with torch.no_grad():
+        ctx.model.eval()
+        logits = torch.cat([ctx.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits for b in batches])
+    labels = torch.cat([b.labels for b in batches])
+    plain = {"accuracy": (logits.argmax(-1) == labels).float().mean().item(),
+             "loss": torch.nn.functional.cross_entropy(logits, labels).item()}
+    assert ctx.task.evaluate(ctx.model, batches, ctx.device) == pytest.approx(plain)
 
 
 def test_generate_encoding_loss_positions_and_flops(tmp_path, short_data):

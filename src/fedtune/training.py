@@ -1,5 +1,5 @@
-"""The local loops every framework shares: an optimizer over the tunable parameters, a
-training pass over batches with any loss, evaluation, and logits for a set of rows."""
+"""The local loops every framework shares: an optimizer over the tunable parameters and a
+training pass over batches with any loss (the task supplies it: tasks.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .config import TrainConfig
@@ -39,21 +38,13 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None, 
     return cls(groups)
 
 
-def classify_loss(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return F.cross_entropy(forward_logits(model, batch), batch.labels)
-
-
-def forward_logits(model: nn.Module, batch: Batch) -> torch.Tensor:
-    return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-
-
 def train_pass(
     model: nn.Module,
     batches: list[Batch],
     cfg: TrainConfig,
     device: torch.device,
     flops: FlopModel,
-    loss_fn: LossFn = classify_loss,
+    loss_fn: LossFn,
     optimizer=None,
     on_step: StepFn | None = None,
     flop_fn: Callable[[Batch], int] | None = None,
@@ -77,25 +68,3 @@ def train_pass(
         if on_step:
             on_step(i + 1, len(batches))
     return total_loss / max(len(batches), 1), total_flops
-
-
-@torch.no_grad()
-def predict(model: nn.Module, batches: list[Batch], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (logits in dataset row order, labels in that order)."""
-    model.eval()
-    logits, labels, rows = [], [], []
-    for batch in batches:
-        b = batch.to(device)
-        logits.append(forward_logits(model, b).float().cpu())
-        labels.append(batch.labels)
-        rows.append(batch.index)
-    order = torch.argsort(torch.cat(rows))
-    return torch.cat(logits)[order], torch.cat(labels)[order]
-
-
-def evaluate(model: nn.Module, batches: list[Batch], device: torch.device) -> dict[str, float]:
-    logits, labels = predict(model, batches, device)
-    return {
-        "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
-        "loss": F.cross_entropy(logits, labels).item(),
-    }
