@@ -21,9 +21,10 @@ from pathlib import Path
 import torch
 
 from fedtune import config as configlib
-from fedtune.frameworks import Context, get
-from fedtune.metering import serialize
-from fedtune.runtimes.common import MeteredLink, run_client
+from fedtune.frameworks import get
+from fedtune.frameworks.base import Context
+from fedtune.wire import serialize
+from fedtune.runtimes.rounds import MeteredLink, run_client
 from fedtune.training import make_optimizer, train_pass
 
 
@@ -42,9 +43,10 @@ def round_vs_centralized(model: str, per_client: int, repeats: int) -> dict:
         uploads = {}
         for cid in range(3):
             down = serialize(fw.configure(1, cid))
-            up, _, record = run_client(fw, 1, cid, down, None, MeteredLink(lambda b: b))
+            reply = run_client(fw, 1, cid, down, None, MeteredLink(lambda b: b))
+            up, record = reply.blob, reply.record
             uploads[cid] = (up, record)
-        from fedtune.metering import deserialize
+        from fedtune.wire import deserialize
 
         fw.aggregate(1, {c: (deserialize(b), r) for c, (b, r) in uploads.items()})
         fed_times.append(time.perf_counter() - start)

@@ -25,7 +25,7 @@ from fedtune import config as configlib  # noqa: E402
 from fedtune import data as datalib  # noqa: E402
 from fedtune import models, tasks  # noqa: E402
 from fedtune.frameworks.kd import encode_outputs  # noqa: E402
-from fedtune.metering import Message, serialize  # noqa: E402
+from fedtune.wire import Message, serialize  # noqa: E402
 from fedtune.rundir import RunDir  # noqa: E402
 from fedtune.runtimes import run  # noqa: E402
 

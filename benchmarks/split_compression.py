@@ -16,7 +16,7 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from fedtune import config as configlib  # noqa: E402
-from fedtune.reporting import MB  # noqa: E402
+from fedtune.metrics import MB  # noqa: E402
 from fedtune.rundir import RunDir  # noqa: E402
 from fedtune.runtimes import run  # noqa: E402
 

@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from fedtune.aggregation import make_strategy, weighted_mean
+from fedtune.config import RunConfig
+from fedtune.strategies import STRATEGIES
+from fedtune.strategies.base import weighted_mean
 from fedtune.errors import FedtuneError
 
 
@@ -9,7 +11,7 @@ def test_fedavg_is_the_exact_sample_weighted_mean():
     g = torch.Generator().manual_seed(0)
     states = [{"a": torch.randn(4, 3, generator=g), "b": torch.randn(5, generator=g)} for _ in range(3)]
     weights = [1667, 1667, 1667 + 1]
-    out = make_strategy("fedavg").aggregate(states[0], list(zip(states, weights)))
+    out = STRATEGIES.load("fedavg")(RunConfig()).aggregate(states[0], list(zip(states, weights)))
     for k in ("a", "b"):
         exact = sum(s[k].double() * w for s, w in zip(states, weights)) / sum(weights)
         assert out[k].dtype == torch.float32
@@ -27,5 +29,5 @@ def test_mismatched_states_and_empty_are_errors():
         weighted_mean([], [])
     with pytest.raises(FedtuneError, match="different tensor names"):
         weighted_mean([{"a": torch.zeros(1)}, {"b": torch.zeros(1)}], [1, 1])
-    with pytest.raises(FedtuneError, match="unknown aggregation strategy"):
-        make_strategy("fedmagic")
+    with pytest.raises(FedtuneError, match="fed.strategy must be one of fedavg; got 'fedmagic'"):
+        STRATEGIES.load("fedmagic")

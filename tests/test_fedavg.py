@@ -5,8 +5,8 @@ import torch
 
 from conftest import run_tiny, tiny_config
 from fedtune import models
-from fedtune.metering import serialize, Message
-from fedtune.reporting import Progress
+from fedtune.wire import Message, serialize
+from fedtune.console import Progress
 from fedtune.rundir import RunDir
 from fedtune.runtimes import run
 
@@ -42,7 +42,7 @@ def test_saved_adapter_loads_with_peft_and_predicts_the_same(tmp_path):
     from peft import PeftModel
 
     from fedtune.data import batches, encode, load
-    from fedtune.tasks import ClassifyTask
+    from fedtune.tasks.classify import ClassifyTask
 
     cfg = tiny_config(tmp_path, fed__rounds=1)
     _, rundir = run_tiny(cfg)

@@ -18,10 +18,10 @@ from conftest import run_tiny, tiny_config
 pytest.importorskip("flwr")
 
 from fedtune.errors import FedtuneError  # noqa: E402
-from fedtune.metering import Message, deserialize, serialize  # noqa: E402
+from fedtune.wire import Message, deserialize, serialize  # noqa: E402
 from fedtune.runtimes.certs import make_tls  # noqa: E402
 from fedtune.runtimes.channel import ChannelClient, ChannelServer  # noqa: E402
-from fedtune.runtimes.common import MeteredLink  # noqa: E402
+from fedtune.runtimes.rounds import MeteredLink  # noqa: E402
 
 
 def _by_round(records):

@@ -16,7 +16,7 @@ from fedtune.compression import dequantize, quantize
 from fedtune.config import DataConfig, KDConfig
 from fedtune.errors import FedtuneError
 from fedtune.frameworks.kd import decode_outputs, encode_outputs, entropy, kd_loss, refine
-from fedtune.metering import Message, serialize
+from fedtune.wire import Message, serialize
 
 # --------------------------------------------------------------------------- the math
 
@@ -127,7 +127,8 @@ def _write(path, rows):
 
 
 def test_public_set_overlapping_test_set_is_refused(tmp_path):
-    from fedtune.frameworks import Context, get
+    from fedtune.frameworks import get
+    from fedtune.frameworks.base import Context
 
     train = [(f"question number {i}", "a" if i % 2 else "b") for i in range(40)]
     _write(tmp_path / "train.csv", train)
@@ -147,7 +148,8 @@ def test_public_size_larger_than_available_is_a_clear_error():
 
 
 def test_bad_uploads_are_rejected_and_the_round_completes(tmp_path):
-    from fedtune.frameworks import Context, get
+    from fedtune.frameworks import get
+    from fedtune.frameworks.base import Context
 
     cfg = tiny_config(tmp_path, framework="kd", data__public_size=40)
     fw = get("kd")(Context.build(cfg))

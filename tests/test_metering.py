@@ -4,7 +4,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from fedtune import models
 from fedtune.config import ModelConfig
-from fedtune.metering import FlopModel, Message, deserialize, payload_bytes, serialize
+from fedtune.metering import FlopModel
+from fedtune.wire import Message, deserialize, payload_bytes, serialize
 
 
 def test_serialized_bytes_are_the_tensors_plus_a_small_header():

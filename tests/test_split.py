@@ -13,9 +13,9 @@ from fedtune import compression, models
 from fedtune.errors import FedtuneError
 from fedtune.frameworks.base import Context
 from fedtune.frameworks.split import SplitFramework
-from fedtune.metering import deserialize, serialize
-from fedtune.runtimes.common import MeteredLink
-from fedtune.splitting import SplitModel
+from fedtune.wire import deserialize, serialize
+from fedtune.runtimes.rounds import MeteredLink
+from fedtune.model_cut import CutModel
 from fedtune.training import make_optimizer
 
 
@@ -194,16 +194,16 @@ def test_bad_split_layer_and_architecture():
     model, _ = models.build(models.ModelConfig(name="tiny-gpt2"), 4, 0)
     for layer in (0, 2, 5):
         with pytest.raises(FedtuneError, match=r"split.split_layer must be in 1\.\.1 .*got " + str(layer)):
-            SplitModel(model, layer)
+            CutModel(model, layer)
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     other = AutoModelForSequenceClassification.from_config(
         AutoConfig.for_model("distilbert", n_layers=2, dim=32, hidden_dim=64, n_heads=2, vocab_size=100)
     )
     with pytest.raises(FedtuneError, match="cannot split a 'distilbert' model; supported architectures: gpt2"):
-        SplitModel(other, 1)
+        CutModel(other, 1)
     bert, _ = models.build(models.ModelConfig(name="tiny-bert"), 4, 0, "generate")
     with pytest.raises(FedtuneError, match="train.task=generate supports gpt2, llama; got a 'bert' model"):
-        SplitModel(bert, 1)
+        CutModel(bert, 1)
     with pytest.raises(FedtuneError, match="act_topk"):
         tiny_config(split__act_topk=1.5)

@@ -12,7 +12,7 @@ import torch
 from conftest import run_tiny, tiny_config
 
 from fedtune import data as datalib
-from fedtune.frameworks import Context
+from fedtune.frameworks.base import Context
 
 SHORT = ["card", "cash", "fee", "top"]
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 from .errors import FedtuneError
+from .frameworks import FRAMEWORKS
+from .runtimes import RUNTIMES
+from .tasks import TASKS
 
 # Flags for the common knobs; everything else is --set section.key=value.
 FLAGS = {
@@ -19,15 +23,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of LLMs with LoRA.")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run one federated fine-tuning job")
-    r.add_argument("--framework", choices=["fedavg", "kd", "split"])
+    r.add_argument("--framework", choices=FRAMEWORKS.names)
     r.add_argument("--model", help="smollm2 (embedded default), minilm, tiny-gpt2, a HF id, a directory or a .gguf file")
     r.add_argument("--data", help="directory with train.csv/test.csv (text,category) or a HF dataset id")
     r.add_argument("--clients", type=int)
     r.add_argument("--rounds", type=int)
     r.add_argument("--seed", type=int)
     r.add_argument("--out", help="run directory (default runs/<framework>-<time>)")
-    r.add_argument("--runtime", choices=["inprocess", "flower-sim", "flower"])
-    r.add_argument("--task", choices=["classify", "generate"])
+    r.add_argument("--runtime", choices=RUNTIMES.names)
+    r.add_argument("--task", choices=TASKS.names)
     r.add_argument("--preset", default="demo", help="demo (default, ~10 min on 2 cores) or paper (the case study)")
     r.add_argument("--config", help="TOML or YAML file with config sections")
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
@@ -60,7 +64,7 @@ def cmd_run(args) -> int:
     from rich.console import Console
 
     from . import config as configlib
-    from .reporting import Progress, RichProgress, table
+    from .console import Progress, RichProgress, table
     from .rundir import RunDir
     from .runtimes import run
 
@@ -84,26 +88,55 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_sweep(args) -> int:
+    from rich.console import Console
+
+    from .rundir import CONFIG, SUMMARY
+    from .sweep import load, run_sweep
+    from .sweep_report import write_report
+
+    console = Console(stderr=True)
+    exp = load(args.experiment, args.out)
+    if args.dry_run:
+        for p in exp.points:
+            state = "done" if (Path(p.cfg.out) / SUMMARY).is_file() else "started" if (Path(p.cfg.out) / CONFIG).is_file() else ""
+            print(f"{p.cfg.out}  {state}")
+        print(f"{len(exp.points)} points")
+        return 0
+    console.print(f"[bold]fedtune sweep[/] {exp.path}: {len(exp.points)} points -> {exp.out}")
+    result = run_sweep(exp, console, live=not args.quiet and console.is_terminal, fail_fast=args.fail_fast)
+    console.print(f"{len(result.done)} run, {len(result.skipped)} already done, {len(result.failed)} failed")
+    if not args.no_report:
+        try:
+            print(f"report: {write_report(exp.out)}")
+        except FedtuneError as exc:  # e.g. every point failed: the failures matter more
+            console.print(f"no report: {exc}")
+    if result.failed:
+        print(f"failed points (rerun the same command to retry them): {', '.join(result.failed)}")
+        return 1
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .sweep_report import write_report
+
+    print(f"report: {write_report(args.sweep_dir, args.out)}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report}
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        if args.command == "run":
-            return cmd_run(args)
-        if args.command == "sweep":
-            from .sweep import cmd_sweep
-
-            return cmd_sweep(args)
-        if args.command == "report":
-            from .report import cmd_report
-
-            return cmd_report(args)
+        return COMMANDS[args.command](args)
     except FedtuneError as exc:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("fedtune: interrupted; resume with --resume (a sweep: rerun the same command)", file=sys.stderr)
         return 130
-    return 1
 
 
 if __name__ == "__main__":

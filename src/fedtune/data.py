@@ -21,23 +21,23 @@ TEST_SUBSET_SEED = 1234
 
 
 @dataclass
-class Split:
+class Rows:
     texts: list[str]
     labels: list[int]
 
     def __len__(self) -> int:
         return len(self.texts)
 
-    def subset(self, idx: list[int]) -> "Split":
-        return Split([self.texts[i] for i in idx], [self.labels[i] for i in idx])
+    def subset(self, idx: list[int]) -> "Rows":
+        return Rows([self.texts[i] for i in idx], [self.labels[i] for i in idx])
 
 
 @dataclass
 class FedData:
     label_names: list[str]
-    public: Split
-    clients: list[Split]
-    test: Split
+    public: Rows
+    clients: list[Rows]
+    test: Rows
 
     @property
     def num_labels(self) -> int:
@@ -187,7 +187,7 @@ def load(cfg: DataConfig, clients: int, seed: int) -> FedData:
         )
     public_idx = order[: cfg.public_size]
     private_idx = order[len(order) - private_size :]
-    all_train = Split([t for t, _ in pool], [y for _, y in pool])
+    all_train = Rows([t for t, _ in pool], [y for _, y in pool])
     public, private = all_train.subset(public_idx), all_train.subset(private_idx)
 
     part_rng = random.Random(f"partition-{seed}")
@@ -202,7 +202,7 @@ def load(cfg: DataConfig, clients: int, seed: int) -> FedData:
                 f"partition={cfg.partition}); use fewer clients, more data or a larger dirichlet_alpha"
             )
 
-    test = Split(test_texts, test_labels)
+    test = Rows(test_texts, test_labels)
     if cfg.test_size and cfg.test_size < len(test):
         pick = sorted(random.Random(TEST_SUBSET_SEED).sample(range(len(test)), cfg.test_size))
         test = test.subset(pick)

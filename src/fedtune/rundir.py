@@ -13,7 +13,7 @@ import torch
 
 from . import config as configlib
 from .errors import FedtuneError
-from .reporting import MetricsLog, summarize
+from .metrics import MetricsLog, summarize
 
 CONFIG, METRICS, CHECKPOINT, SUMMARY, ADAPTER = "config.toml", "metrics.jsonl", "checkpoint.pt", "summary.json", "adapter"
 

@@ -35,7 +35,7 @@ from typing import Any
 
 from . import config as configlib
 from .errors import FedtuneError
-from .reporting import Progress, RichProgress
+from .console import Progress, RichProgress
 from .rundir import CONFIG, SUMMARY, RunDir
 
 ERROR = "error.txt"
@@ -94,12 +94,7 @@ def load(path: str | Path, out: str | Path | None = None) -> Experiment:
     """Read an experiment file and expand it into points (every config is built and
     validated here, so a typo fails before anything runs)."""
     path = Path(path)
-    if not path.is_file():
-        raise FedtuneError(f"{path}: experiment file not found")
-    try:
-        tree = configlib.tomllib.loads(path.read_text())
-    except Exception as exc:
-        raise FedtuneError(f"{path}: cannot parse experiment: {exc}") from None
+    tree = configlib.read_tree(path)
     unknown = set(tree) - {"sweep", "base", "grid"}
     if unknown:
         raise FedtuneError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; expected sweep, base, grid")
@@ -108,7 +103,7 @@ def load(path: str | Path, out: str | Path | None = None) -> Experiment:
     if bad:
         raise FedtuneError(f"{path}: unknown [sweep] key(s) {', '.join(sorted(bad))}; expected preset, seeds, out")
     preset = head.get("preset", "demo")
-    base = configlib._flatten(_table(tree, "base", str(path)))
+    base = configlib.flatten(_table(tree, "base", str(path)))
     base_cfg = configlib.build_config(preset, None, base)
     default_seeds = head.get("seeds", base_cfg.seeds)
     out = Path(out or head.get("out") or f"runs/sweep-{path.stem}")
@@ -122,8 +117,8 @@ def load(path: str | Path, out: str | Path | None = None) -> Experiment:
         bad = set(grid) - GRID_KEYS
         if bad:
             raise FedtuneError(f"{where}: unknown key(s) {', '.join(sorted(bad))}; expected {', '.join(sorted(GRID_KEYS))}")
-        fixed = configlib._flatten(_table(grid, "set", where))
-        vary = configlib._flatten(_table(grid, "vary", where))
+        fixed = configlib.flatten(_table(grid, "set", where))
+        vary = configlib.flatten(_table(grid, "vary", where))
         for key, values in vary.items():
             if not isinstance(values, list) or not values:
                 raise FedtuneError(f"{where}: vary.{key} must be a non-empty list of values")
@@ -147,7 +142,7 @@ def load(path: str | Path, out: str | Path | None = None) -> Experiment:
 
 
 def _identity(cfg: configlib.RunConfig) -> dict[str, Any]:
-    flat = configlib._flatten(configlib.to_dict(cfg))
+    flat = configlib.flat_dict(cfg)
     return {k: v for k, v in flat.items() if k not in NOT_IDENTITY}
 
 
@@ -254,30 +249,3 @@ def run_sweep(exp: Experiment, console=None, live: bool = True, fail_fast: bool 
         if progress:
             progress.close()
     return result
-
-
-def cmd_sweep(args) -> int:
-    from rich.console import Console
-
-    console = Console(stderr=True)
-    exp = load(args.experiment, args.out)
-    if args.dry_run:
-        for p in exp.points:
-            state = "done" if (Path(p.cfg.out) / SUMMARY).is_file() else "started" if (Path(p.cfg.out) / CONFIG).is_file() else ""
-            print(f"{p.cfg.out}  {state}")
-        print(f"{len(exp.points)} points")
-        return 0
-    console.print(f"[bold]fedtune sweep[/] {exp.path}: {len(exp.points)} points -> {exp.out}")
-    result = run_sweep(exp, console, live=not args.quiet and console.is_terminal, fail_fast=args.fail_fast)
-    console.print(f"{len(result.done)} run, {len(result.skipped)} already done, {len(result.failed)} failed")
-    if not args.no_report:
-        from .report import write_report
-
-        try:
-            print(f"report: {write_report(exp.out)}")
-        except FedtuneError as exc:  # e.g. every point failed: the failures matter more
-            console.print(f"no report: {exc}")
-    if result.failed:
-        print(f"failed points (rerun the same command to retry them): {', '.join(result.failed)}")
-        return 1
-    return 0

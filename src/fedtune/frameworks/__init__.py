@@ -1,26 +1,17 @@
-"""The frameworks, by name. Each is one module implementing frameworks.base.Framework."""
+"""The frameworks: one file each implementing ``base.Framework``, one line each in the registry
+below (``--framework``). Imported on first use, so one framework's dependencies never slow down
+another's start."""
 
 from __future__ import annotations
 
-from ..errors import FedtuneError
-from .base import ClientResult, Context, Framework, Link
+from ..registry import Registry
+
+FRAMEWORKS = Registry("framework", {
+    "fedavg": "fedtune.frameworks.fedavg:FedAvgFramework",
+    "kd": "fedtune.frameworks.kd:KDFramework",
+    "split": "fedtune.frameworks.split:SplitFramework",
+}, titles={"fedavg": "FedLLM", "kd": "KD-FedLLM", "split": "Split-FedLLM"})
 
 
-def get(name: str) -> type[Framework]:
-    # Imported lazily so that one framework's dependencies never slow down another's start.
-    if name == "fedavg":
-        from .fedavg import FedAvgFramework
-
-        return FedAvgFramework
-    if name == "kd":
-        from .kd import KDFramework
-
-        return KDFramework
-    if name == "split":
-        from .split import SplitFramework
-
-        return SplitFramework
-    raise FedtuneError(f"unknown framework {name!r}; choose from fedavg, kd, split")
-
-
-__all__ = ["ClientResult", "Context", "Framework", "Link", "get"]
+def get(name: str):
+    return FRAMEWORKS.load(name)

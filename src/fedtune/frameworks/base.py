@@ -1,12 +1,16 @@
 """The framework protocol: what a client does in a round and what the server does.
 
-A framework never moves bytes itself. A runtime (in-process, Flower) calls, each round:
+A framework never moves bytes itself. The round loop (runtimes/rounds.py) calls, each round:
   server  configure(rnd, cid)            -> Message down to each sampled client
   client  fit(rnd, cid, msg, state, link) -> ClientResult (Message up + the client's state)
   server  aggregate(rnd, {cid: (Message, metrics)})
   server  evaluate(rnd)                   -> test metrics of the global model
-and, for frameworks that talk per batch (split learning), server serve(rnd, cid, Message)
-answers each message a client sends through ``link.exchange``.
+and, for a framework that talks per batch (``per_batch = True``: split learning), server
+serve(rnd, cid, Message) answers each message a client sends through ``link.exchange``.
+
+What a framework keeps on the server (the global tunable state, a strategy's moments) goes
+into ``state_dict``; what a client keeps between rounds is ``ClientResult.state``. The round
+loop checkpoints both and restores both on ``--resume``, on every runtime.
 """
 
 from __future__ import annotations
@@ -19,9 +23,13 @@ import torch
 from torch import nn
 
 from .. import data as datalib
-from .. import models, tasks
+from .. import models
+from ..tasks import make as make_task
+from ..tasks.base import Task
 from ..config import RunConfig
-from ..metering import FlopModel, Message
+from .. import strategies
+from ..metering import FlopModel
+from ..wire import Message
 from ..training import StepFn, derive_seed, train_pass
 
 
@@ -55,7 +63,7 @@ class Context:
     device: torch.device
     flops: FlopModel
     ids: dict[str, list[list[int]]]  # token ids: "test", "public", "client0", ...
-    task: tasks.Task
+    task: Task
     on_step: StepFn | None = None
 
     @classmethod
@@ -66,7 +74,7 @@ class Context:
         model, tok = models.build(cfg.model, fed.num_labels, cfg.seed, cfg.train.task)
         device = pick_device(cfg.train.device)
         model.to(device)
-        task = tasks.make(cfg.train.task, tok, fed.label_names, cfg.data.max_length)
+        task = make_task(cfg.train.task, tok, fed.label_names, cfg.data.max_length)
         ids = {"test": task.encode(fed.test), "public": task.encode(fed.public)}
         ids.update({f"client{c}": task.encode(s) for c, s in enumerate(fed.clients)})
         return cls(cfg, fed, model, tok, device, FlopModel.of(model), ids, task)
@@ -92,10 +100,13 @@ class Context:
 
 class Framework(ABC):
     name: str
+    per_batch = False  # True: clients exchange messages with the server inside a round (serve)
 
     def __init__(self, ctx: Context):
         self.ctx = ctx
         self.cfg = ctx.cfg
+        self.global_state: dict[str, torch.Tensor] = {}  # the global tunable parameters
+        self.strategy = strategies.make(self.cfg)
 
     # ---- server side
     @abstractmethod
@@ -104,8 +115,14 @@ class Framework(ABC):
     @abstractmethod
     def aggregate(self, rnd: int, results: dict[int, tuple[Message, dict]]) -> dict[str, Any]: ...
 
-    @abstractmethod
-    def evaluate(self, rnd: int) -> dict[str, float]: ...
+    def aggregate_tunable(self, results: dict[int, tuple[Message, dict]]) -> None:
+        """The strategy's next global state from the uploaded tunable states, weighted by samples."""
+        updates = [(msg.tensors, metrics["num_samples"]) for msg, metrics in results.values()]
+        self.global_state = self.strategy.aggregate(self.global_state, updates)
+
+    def evaluate(self, rnd: int) -> dict[str, float]:
+        ev = self.ctx.task.evaluate(self.global_model(), self.ctx.test_batches(), self.ctx.device)
+        return {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"]}
 
     def serve(self, rnd: int, cid: int, msg: Message) -> Message:
         raise NotImplementedError(f"{self.name} exchanges no messages inside a round")
@@ -126,12 +143,18 @@ class Framework(ABC):
         return loss, flops
 
     # ---- checkpointing and the final model
-    @abstractmethod
-    def state_dict(self) -> dict[str, Any]: ...
+    def tunable_module(self) -> nn.Module:
+        """The module whose tunable parameters ``global_state`` holds."""
+        return self.ctx.model
 
-    @abstractmethod
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
-
-    @abstractmethod
     def global_model(self) -> nn.Module:
-        """The model with the final global tunable state loaded, for saving."""
+        """The whole model with the global tunable state loaded (evaluation, saving)."""
+        models.set_tunable(self.tunable_module(), self.global_state)
+        return self.ctx.model
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"global_state": self.global_state, "strategy": self.strategy.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_state = state["global_state"]
+        self.strategy.load_state_dict(state["strategy"])

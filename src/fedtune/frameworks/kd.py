@@ -27,7 +27,7 @@ from .. import models
 from ..compression import dequantize, quantize, topk_decode_distribution, topk_encode
 from ..config import KDConfig
 from ..errors import FedtuneError
-from ..metering import Message
+from ..wire import Message
 from ..training import derive_seed, make_optimizer, seeded, train_pass
 from .base import ClientResult, Context, Framework
 
@@ -204,10 +204,6 @@ class KDFramework(Framework):
         return {**record, "server_kd_loss": loss, "kd_rows": self.rows, "kd_rows_kept": int(keep.sum()),
                 "server_flops": distil_flops + out_flops}
 
-    def evaluate(self, rnd):
-        ev = self.ctx.task.evaluate(self.global_model(), self.ctx.test_batches(), self.ctx.device)
-        return {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"]}
-
     # ---- client side
     def fit(self, rnd, cid, msg, state, link):
         ctx, cfg = self.ctx, self.cfg
@@ -232,13 +228,10 @@ class KDFramework(Framework):
         # b3: upload the compressed outputs; keep the local model for the next round
         return ClientResult(Message(encode_outputs(outputs, cfg.kd)), {"tunable": models.get_tunable(ctx.model)}, metrics)
 
-    # ---- checkpointing and the final model
-    def global_model(self):
-        models.set_tunable(self.ctx.model, self.global_state)
-        return self.ctx.model
-
+    # ---- checkpointing
     def state_dict(self):
-        return {"global_state": self.global_state, "knowledge": self.knowledge}
+        return {**super().state_dict(), "knowledge": self.knowledge}
 
     def load_state_dict(self, state):
-        self.global_state, self.knowledge = state["global_state"], state["knowledge"]
+        super().load_state_dict(state)
+        self.knowledge = state["knowledge"]

@@ -5,7 +5,7 @@ runs the rest, computes the loss, steps its optimizer and returns the activation
 client in turn. At the end of a round the clients upload their client-side LoRA, which the
 server averages and sends back (cc1-cc4).
 
-Activations cross the cut packed (real tokens only, see splitting.py) and, optionally,
+Activations cross the cut packed (real tokens only, see model_cut.py) and, optionally,
 compressed: ``split.act_dtype`` fp16/bf16/int8 (a scale per token) and ``split.act_topk``
 (the fraction of each token's values kept, by magnitude). The client applies the returned
 gradient to its exact activations (straight-through); with top-k the server answers only
@@ -21,11 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import compression, models
-from ..aggregation import make_strategy
 from ..data import Batch
 from ..errors import FedtuneError
-from ..metering import Message, serialize
-from ..splitting import SplitModel
+from ..wire import Message, serialize
+from ..model_cut import CutModel
 from ..training import make_optimizer, seeded
 from .base import ClientResult, Context, Framework
 
@@ -34,12 +33,12 @@ ACT, GRAD = "act.", "grad."
 
 class SplitFramework(Framework):
     name = "split"
+    per_batch = True
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
-        self.split = SplitModel(ctx.model, self.cfg.split.split_layer)
-        self.client_global = models.get_tunable(self.split.client)
-        self.strategy = make_strategy(self.cfg.fed.strategy)
+        self.split = CutModel(ctx.model, self.cfg.split.split_layer)
+        self.global_state = models.get_tunable(self.split.client)  # the client part's LoRA
         # The server keeps its part and its optimizer across clients and rounds.
         self.server_opt = make_optimizer(self.split.server, self.cfg.train)
         self.server_lock = threading.Lock()  # one server part: concurrent clients take turns
@@ -61,7 +60,7 @@ class SplitFramework(Framework):
 
     # ---- server side
     def configure(self, rnd, cid):  # cc3: the global client-side LoRA
-        return Message(self.client_global)
+        return Message(self.global_state)
 
     def serve(self, rnd, cid, msg):  # c3, c4
         dev, split, task = self.ctx.device, self.split, self.ctx.task
@@ -93,14 +92,9 @@ class SplitFramework(Framework):
         return reply
 
     def aggregate(self, rnd, results):  # cc2
-        updates = [(msg.tensors, metrics["num_samples"]) for msg, metrics in results.values()]
-        self.client_global = self.strategy.aggregate(self.client_global, updates)
+        self.aggregate_tunable(results)
         meter, self.server_meter = self.server_meter, dict.fromkeys(self.server_meter, 0)
         return meter
-
-    def evaluate(self, rnd):
-        ev = self.ctx.task.evaluate(self.global_model(), self.ctx.test_batches(), self.ctx.device)
-        return {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"]}
 
     # ---- client side
     def fit(self, rnd, cid, msg, state, link):
@@ -147,18 +141,14 @@ class SplitFramework(Framework):
         return ClientResult(up_msg, None, metrics)
 
     # ---- checkpointing and the final model
-    def global_model(self):
-        models.set_tunable(self.split.client, self.client_global)
-        return self.ctx.model
+    def tunable_module(self):
+        return self.split.client
 
     def state_dict(self):
-        return {
-            "client_global": self.client_global,
-            "server_state": models.get_tunable(self.split.server),
-            "server_opt": self.server_opt.state_dict(),
-        }
+        return {**super().state_dict(), "server_state": models.get_tunable(self.split.server),
+                "server_opt": self.server_opt.state_dict()}
 
     def load_state_dict(self, state):
-        self.client_global = state["client_global"]
+        super().load_state_dict(state)
         models.set_tunable(self.split.server, state["server_state"])
         self.server_opt.load_state_dict(state["server_opt"])

@@ -1,19 +1,21 @@
-"""Runtimes move a framework's messages: in one process (the default) or over Flower."""
+"""Runtimes move a framework's messages: in one process (the default) or over Flower. One line
+each in the registry below (``--runtime``); each module has ``run(cfg, rundir, progress, resume)``."""
 
 from __future__ import annotations
 
 from ..errors import FedtuneError
+from ..registry import Registry
+
+RUNTIMES = Registry("runtime", {
+    "inprocess": "fedtune.runtimes.inprocess:run",
+    "flower-sim": "fedtune.runtimes.flower:run",
+    "flower": "fedtune.runtimes.flower:run",
+})
 
 
 def run(cfg, rundir, progress=None, resume=False):
-    if cfg.runtime == "inprocess":
-        from .inprocess import run as run_inprocess
-
-        return run_inprocess(cfg, rundir, progress, resume)
-    if cfg.runtime in ("flower-sim", "flower"):
-        try:
-            from .flower import run as run_flower
-        except ImportError as exc:
-            raise FedtuneError(f"runtime {cfg.runtime!r} needs Flower: pip install 'flwr==1.41.0' ({exc})") from None
-        return run_flower(cfg, rundir, progress, resume)
-    raise FedtuneError(f"unknown runtime {cfg.runtime!r}")
+    try:
+        runner = RUNTIMES.load(cfg.runtime)
+    except ImportError as exc:
+        raise FedtuneError(f"runtime {cfg.runtime!r} needs Flower: pip install 'flwr==1.41.0' ({exc})") from None
+    return runner(cfg, rundir, progress, resume)

@@ -36,7 +36,7 @@ import tomli_w
 
 from ..config import to_dict
 from ..errors import FedtuneError
-from ..reporting import Progress
+from ..console import Progress
 from ..rundir import SUMMARY, RunDir
 from . import flower_app
 

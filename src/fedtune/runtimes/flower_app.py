@@ -1,8 +1,7 @@
 """fedtune's Flower ServerApp and ClientApp (Message API of flwr 1.41).
 
-The apps only move bytes: the server side runs ``runtimes.common``'s sampling, ``close_round``
-and ``finish`` around the framework's configure/aggregate/evaluate, the client side runs
-``common.run_client``. Each message carries the very blob the in-process runtime meters
+The apps only move bytes: the server side runs ``rounds.run_rounds`` over a ``FlowerGrid``, the
+client side runs ``rounds.run_client``. Each message carries the very blob the in-process runtime meters
 (``metering.serialize``), as one uint8 array, so bytes_up/bytes_down agree across runtimes.
 What a message carries besides the blob (round, client id, the run config, the split
 channel's address) is control data, not counted, as in the in-process runtime.
@@ -34,7 +33,7 @@ def shared_context(cfg):
     """One model and data per process and config. In simulation the ServerApp and every
     ClientApp run in one process and share it, exactly as the in-process runtime does."""
     from ..config import to_dict
-    from ..frameworks import Context as FedContext
+    from ..frameworks.base import Context as FedContext
 
     key = json.dumps(to_dict(cfg), sort_keys=True)
     if key not in _contexts:
@@ -54,67 +53,85 @@ def _blob(content: RecordDict) -> bytes:
 # =========================================================================== server
 
 
-def run_server(grid: Grid, cfg, rundir, resume: bool = False, progress=None) -> dict:
-    """Every round: sample, send each sampled client its blob, wait (at most
-    fed.client_timeout_s) for the replies, close the round with whoever answered."""
-    from ..errors import FedtuneError
-    from ..frameworks import Framework, get
-    from ..metering import serialize
-    from ..reporting import Progress
-    from .common import close_round, finish, restore, sample_clients
+class FlowerGrid:
+    """The round loop's Grid over Flower's: each sampled client's blob goes to its SuperNode as
+    a ``train`` message; the loop waits at most fed.client_timeout_s for the replies."""
 
-    progress = progress or Progress()
-    wall = time.perf_counter()
+    def __init__(self, grid: Grid, cfg):
+        self.grid, self.cfg = grid, cfg
+        self.config_json = json.dumps(_to_dict(cfg))
+        self.nodes: dict[int, int] = {}
+        self.channel = None
+
+    def start(self, serve):
+        self.nodes = discover(self.grid, self.cfg)
+        if serve is not None:  # the framework talks per batch: open the channel
+            from .channel import ChannelServer
+
+            f = self.cfg.flower
+            self.channel = ChannelServer(serve, f.channel_bind, f.channel_host, f.channel_certfile,
+                                         f.channel_keyfile, f.channel_ca_certfile)
+
+    def fit(self, rnd, blobs, restore, on_reply):
+        from .rounds import Reply
+
+        messages, online = {}, set(self.grid.get_node_ids())
+        for cid, blob in blobs.items():
+            if self.nodes[cid] not in online:
+                continue  # its SuperNode is gone: the loop counts it as dropped
+            control = {"round": rnd, "client": cid, "config": self.config_json}
+            if self.channel:
+                info = self.channel.info
+                control.update(channel_address=info.address, channel_token=info.token,
+                               channel_root=info.root_certificates or b"")
+            content = RecordDict({BLOB: _blob_record(blob), CONTROL: ConfigRecord(control)})
+            if cid in restore:  # a resumed run: the node continues from the checkpointed state
+                content[STATE] = ConfigRecord({"state": _state_bytes(restore[cid])})
+            messages[cid] = Message(content, dst_node_id=self.nodes[cid], message_type="train")
+        errors = {}
+        replies = exchange(self.grid, messages, self.cfg.fed.client_timeout_s or None)
+        for cid in blobs:  # in sampled order, as in-process
+            if cid not in replies:
+                continue
+            if replies[cid].has_error():  # the ClientApp raised, or Flower found its node gone
+                errors[cid] = replies[cid].error.reason
+                continue
+            content = replies[cid].content
+            state = None
+            if STATE in content.config_records:
+                state = _state_from_bytes(content.config_records[STATE]["state"])
+            on_reply(cid, Reply(_blob(content), state, json.loads(content.config_records[CONTROL]["record"])))
+        return errors
+
+    def stop(self):
+        if self.channel:
+            self.channel.stop()
+
+
+def run_server(grid: Grid, cfg, rundir, resume: bool = False, progress=None) -> dict:
+    from ..frameworks import get
+    from .rounds import run_rounds
+
     ctx = shared_context(cfg)
-    ctx.on_step = progress.step
+    if progress is not None:
+        ctx.on_step = progress.step
     fw = get(cfg.framework)(ctx)
-    first, _ = restore(fw, rundir) if resume else (1, {})
-    nodes = discover(grid, cfg)
-    channel = None
-    if type(fw).serve is not Framework.serve:  # the framework talks per batch: open the channel
-        channel = _start_channel(fw, cfg)
-    config_json = json.dumps(_to_dict(cfg))
-    timeout = cfg.fed.client_timeout_s or None
-    progress.start(cfg.fed.rounds, first)
-    try:
-        for rnd in range(first, cfg.fed.rounds + 1):
-            started = time.perf_counter()
-            sampled = sample_clients(cfg, rnd)
-            messages, online = {}, set(grid.get_node_ids())
-            for cid in sampled:
-                if nodes[cid] not in online:
-                    continue  # its SuperNode is gone: counted as dropped below
-                control = {"round": rnd, "client": cid, "config": config_json}
-                if channel:
-                    info = channel.info
-                    control.update(channel_address=info.address, channel_token=info.token,
-                                   channel_root=info.root_certificates or b"")
-                content = RecordDict({BLOB: _blob_record(serialize(fw.configure(rnd, cid))),
-                                      CONTROL: ConfigRecord(control)})
-                messages[cid] = Message(content, dst_node_id=nodes[cid], message_type="train")
-            replies, errors = {}, {}
-            for cid, reply in exchange(grid, messages, timeout).items():
-                if reply.has_error():  # the ClientApp raised, or Flower found its node gone
-                    errors[cid] = reply.error.reason
-                else:
-                    replies[cid] = reply
-            uploads = {}
-            for cid in sampled:  # in sampled order: aggregation sums in the same order as in-process
-                if cid in replies:
-                    record = json.loads(replies[cid].content.config_records[CONTROL]["record"])
-                    rundir.metrics.append(record)
-                    uploads[cid] = (_blob(replies[cid].content), record)
-            dropped = [cid for cid in sampled if cid not in uploads]
-            if not uploads:
-                raise FedtuneError(f"round {rnd}: no client answered (dropped {dropped}; errors {errors})")
-            extra = {"dropped": dropped, "client_errors": {str(c): e for c, e in errors.items()}} if dropped else {}
-            server = close_round(fw, rundir, rnd, uploads, started, {}, extra)
-            progress.round_done(rnd, server)
-    finally:
-        progress.stop()
-        if channel:
-            channel.stop()
-    return finish(fw, rundir, time.perf_counter() - wall)
+    return run_rounds(fw, FlowerGrid(grid, cfg), rundir, progress, resume)
+
+
+def _state_bytes(state) -> bytes:
+    # A client's state for the server's checkpoint: control data, not protocol traffic.
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return buf.getvalue()
+
+
+def _state_from_bytes(blob: bytes):
+    import torch
+
+    return torch.load(io.BytesIO(blob), weights_only=False)
 
 
 def discover(grid: Grid, cfg) -> dict[int, int]:
@@ -162,15 +179,6 @@ def exchange(grid: Grid, messages: dict, timeout: float | None, poll_s: float = 
     return replies
 
 
-def _start_channel(fw, cfg):
-    from ..metering import deserialize, serialize
-    from .channel import ChannelServer
-
-    f = cfg.flower
-    return ChannelServer(lambda rnd, cid, blob: serialize(fw.serve(rnd, cid, deserialize(blob))),
-                         f.channel_bind, f.channel_host, f.channel_certfile, f.channel_keyfile, f.channel_ca_certfile)
-
-
 def _to_dict(cfg) -> dict:
     from ..config import to_dict
 
@@ -209,12 +217,10 @@ _frameworks: dict[int, Any] = {}  # id(fedtune Context) -> client-side Framework
 
 @client.train()
 def _train(msg: Message, context: Context) -> Message:
-    import torch
-
     from ..config import from_dict
     from ..frameworks import get
     from .channel import ChannelClient, ChannelInfo
-    from .common import MeteredLink, run_client
+    from .rounds import MeteredLink, run_client
 
     control = msg.content.config_records[CONTROL]
     cfg = from_dict(json.loads(control["config"]))
@@ -227,22 +233,23 @@ def _train(msg: Message, context: Context) -> Message:
         _frameworks[id(ctx)] = get(cfg.framework)(ctx)
     fw = _frameworks[id(ctx)]
     state = None
-    if STATE in context.state.config_records:  # what this client kept from its previous round
-        state = torch.load(io.BytesIO(context.state.config_records[STATE]["state"]), weights_only=False)
+    if STATE in msg.content.config_records:  # a resumed run: the server's checkpointed state wins
+        state = _state_from_bytes(msg.content.config_records[STATE]["state"])
+    elif STATE in context.state.config_records:  # what this client kept from its previous round
+        state = _state_from_bytes(context.state.config_records[STATE]["state"])
     channel = None
     if "channel_address" in control:
         info = ChannelInfo(str(control["channel_address"]), str(control["channel_token"]),
                            bytes(control["channel_root"]) or None)
         channel = ChannelClient(info, rnd, cid)
     try:
-        up, state, record = run_client(fw, rnd, cid, _blob(msg.content), state,
-                                       MeteredLink(channel) if channel else None)
+        reply = run_client(fw, rnd, cid, _blob(msg.content), state, MeteredLink(channel) if channel else None)
     finally:
         if channel:
             channel.close()
-    if state is not None:
-        buf = io.BytesIO()
-        torch.save(state, buf)
-        context.state[STATE] = ConfigRecord({"state": buf.getvalue()})
-    reply = RecordDict({BLOB: _blob_record(up), CONTROL: ConfigRecord({"record": json.dumps(record)})})
-    return Message(reply, reply_to=msg)
+    content = RecordDict({BLOB: _blob_record(reply.blob), CONTROL: ConfigRecord({"record": json.dumps(reply.record)})})
+    if reply.state is not None:
+        state_bytes = _state_bytes(reply.state)
+        context.state[STATE] = ConfigRecord({"state": state_bytes})
+        content[STATE] = ConfigRecord({"state": state_bytes})  # for the server's checkpoint
+    return Message(content, reply_to=msg)

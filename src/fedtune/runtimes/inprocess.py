@@ -5,43 +5,40 @@ the bytes a network would carry."""
 
 from __future__ import annotations
 
-import time
-
-from ..frameworks import Context, get
-from ..metering import deserialize, serialize
-from ..reporting import Progress
+from ..console import Progress
+from ..frameworks import get
+from ..frameworks.base import Context, Framework
 from ..rundir import RunDir
-from .common import MeteredLink, close_round, finish, restore, run_client, sample_clients
+from .rounds import Grid, MeteredLink, Serve, run_client, run_rounds
+
+
+class InProcessGrid(Grid):
+    """Runs each sampled client in turn, in this process. Like a node, it keeps each client's
+    state between rounds."""
+
+    def __init__(self, fw: Framework, progress: Progress):
+        self.fw, self.progress = fw, progress
+        self.states: dict[int, object] = {}
+        self.serve: Serve | None = None
+
+    def start(self, serve):
+        self.serve = serve
+
+    def fit(self, rnd, blobs, restore, on_reply):
+        self.states.update(restore)
+        for pos, (cid, blob) in enumerate(blobs.items(), 1):
+            self.progress.client(rnd, cid, pos, len(blobs))
+            link = MeteredLink(lambda b, c=cid: self.serve(rnd, c, b)) if self.serve else None
+            reply = run_client(self.fw, rnd, cid, blob, self.states.get(cid), link)
+            if reply.state is not None:
+                self.states[cid] = reply.state
+            on_reply(cid, reply)
+        return {}
 
 
 def run(cfg, rundir: RunDir, progress: Progress | None = None, resume: bool = False):
     progress = progress or Progress()
-    wall = time.perf_counter()
     ctx = Context.build(cfg)
     ctx.on_step = progress.step
     fw = get(cfg.framework)(ctx)
-    first, states = restore(fw, rundir) if resume else (1, {})
-    progress.start(cfg.fed.rounds, first)
-    try:
-        for rnd in range(first, cfg.fed.rounds + 1):
-            started = time.perf_counter()
-            sampled = sample_clients(cfg, rnd)
-            uploads = {}
-            for pos, cid in enumerate(sampled, 1):
-                progress.client(rnd, cid, pos, len(sampled))
-                down = serialize(fw.configure(rnd, cid))
-                link = MeteredLink(lambda blob, c=cid, r=rnd: serve(fw, r, c, blob))
-                up, state, record = run_client(fw, rnd, cid, down, states.get(cid), link)
-                if state is not None:
-                    states[cid] = state
-                rundir.metrics.append(record)
-                uploads[cid] = (up, record)
-            server = close_round(fw, rundir, rnd, uploads, started, states)
-            progress.round_done(rnd, server)
-    finally:
-        progress.stop()
-    return finish(fw, rundir, time.perf_counter() - wall)
-
-
-def serve(fw, rnd, cid, blob: bytes) -> bytes:
-    return serialize(fw.serve(rnd, cid, deserialize(blob)))
+    return run_rounds(fw, InProcessGrid(fw, progress), rundir, progress, resume)

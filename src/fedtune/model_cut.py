@@ -162,7 +162,7 @@ class BertGlue(Glue):
 GLUES: dict[str, type[Glue]] = {"gpt2": GPT2Glue, "llama": LlamaGlue, "bert": BertGlue}
 
 
-class SplitModel:
+class CutModel:
     """A model cut after ``layer`` blocks: ``client`` and ``server`` are views of it."""
 
     def __init__(self, model: nn.Module, layer: int):

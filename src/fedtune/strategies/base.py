@@ -1,14 +1,16 @@
-"""Server-side aggregation of tunable parameters: small, replaceable strategies
-(in the spirit of Flower's Strategy). A strategy sees the current global state and the
-clients' states with their weights, and returns the next global state."""
+"""The strategy protocol, in the spirit of Flower's Strategy: a strategy sees the current
+global state and the clients' states with their weights and returns the next global state.
+What a strategy remembers between rounds (optimizer moments, control variates) is its
+``state_dict``: the round loop checkpoints it with the framework and restores it on resume."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import Any
 
 import torch
 
-from .errors import FedtuneError
+from ..errors import FedtuneError
 
 State = dict[str, torch.Tensor]
 
@@ -35,21 +37,16 @@ def weighted_mean(states: list[State], weights: list[float]) -> State:
 
 
 class Strategy(ABC):
+    name: str
+
+    def __init__(self, cfg=None):
+        self.cfg = cfg
+
     @abstractmethod
     def aggregate(self, current: State, updates: list[tuple[State, float]]) -> State: ...
 
+    def state_dict(self) -> dict[str, Any]:
+        return {}
 
-class FedAvg(Strategy):
-    """McMahan et al. 2017: the sample-weighted mean of the clients' parameters."""
-
-    def aggregate(self, current: State, updates: list[tuple[State, float]]) -> State:
-        return weighted_mean([s for s, _ in updates], [w for _, w in updates])
-
-
-STRATEGIES: dict[str, type[Strategy]] = {"fedavg": FedAvg}
-
-
-def make_strategy(name: str) -> Strategy:
-    if name not in STRATEGIES:
-        raise FedtuneError(f"unknown aggregation strategy {name!r}; choose from {', '.join(STRATEGIES)}")
-    return STRATEGIES[name]()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass

@@ -19,14 +19,16 @@ from typing import Any
 
 from . import config as configlib
 from .errors import FedtuneError
-from .reporting import per_round
+from .metrics import per_round
+from .frameworks import FRAMEWORKS as FRAMEWORK_REGISTRY
 from .rundir import CONFIG, METRICS, SUMMARY
 from .sweep import ERROR, NOT_IDENTITY
+from .tasks import TASKS as TASK_REGISTRY
 
-FRAMEWORKS = ("fedavg", "kd", "split")
-TITLES = {"fedavg": "FedLLM (fedavg)", "kd": "KD-FedLLM (kd)", "split": "Split-FedLLM (split)"}
-COLORS = {"fedavg": "tab:blue", "kd": "tab:orange", "split": "tab:green"}
-TASKS = {"classify": "classification", "generate": "generation"}
+FRAMEWORKS = FRAMEWORK_REGISTRY.names
+TITLES = {fw: f"{FRAMEWORK_REGISTRY.title(fw)} ({fw})" for fw in FRAMEWORKS}
+COLORS = {fw: f"C{i}" for i, fw in enumerate(FRAMEWORKS)}
+TASKS = {task: TASK_REGISTRY.title(task) for task in TASK_REGISTRY.names}
 AXIS = {"model.lora_r": "LoRA rank r", "data.public_size": "public set size (samples)",
         "split.samples_per_round": "training samples per client per round"}
 SHORT = {"model.lora_r": "r", "data.public_size": "PD", "split.samples_per_round": "TS"}
@@ -78,7 +80,7 @@ class Run:
     path: Path
     cfg: dict[str, Any]  # flat "section.key" config, defaults filled in
     summary: dict[str, Any] | None  # None: the run did not finish
-    rounds: list[dict[str, Any]]  # reporting.per_round rows
+    rounds: list[dict[str, Any]]  # metrics.per_round rows
     failed: bool = False
 
     @property
@@ -126,7 +128,7 @@ def load_runs(root: str | Path) -> list[Run]:
     root = Path(root)
     if not root.is_dir():
         raise FedtuneError(f"{root}: not a directory")
-    defaults = configlib._flatten(configlib.to_dict(configlib.RunConfig()))
+    defaults = configlib.flat_dict(configlib.RunConfig())
     runs = []
     for cfg_path in sorted(root.rglob(CONFIG)):
         path = cfg_path.parent
@@ -453,9 +455,3 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     path = out / "report.md"
     path.write_text(markdown(root, runs, settings, figures))
     return path
-
-
-def cmd_report(args) -> int:
-    path = write_report(args.sweep_dir, args.out)
-    print(f"report: {path}")
-    return 0

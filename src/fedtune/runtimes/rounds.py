@@ -1,0 +1,186 @@
+"""The round loop, written once for every runtime (in the spirit of Flower's ``Strategy.start``
+over a ``Grid``). Each round: sample clients, configure each one's message, deliver it and
+collect the replies (the runtime's ``Grid``), log the client records, aggregate, evaluate, log
+the server record and checkpoint. A runtime supplies only how a message reaches a client and
+comes back; the loop never knows which framework it runs, and the runtime never does either.
+
+What methods keep between rounds checkpoints here and nowhere else: the framework's
+``state_dict`` (global state, strategy moments, server optimizer) and each client's state
+(``ClientResult.state``: kd's local model, control variates). A runtime's nodes keep their
+client's state between rounds; after ``--resume`` the loop hands each node the state it had."""
+
+from __future__ import annotations
+
+import random
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .. import models
+from ..console import Progress
+from ..errors import FedtuneError
+from ..frameworks.base import Framework
+from ..metering import measure
+from ..rundir import ADAPTER, RunDir
+from ..training import derive_seed, seeded
+from ..wire import Message, deserialize, serialize
+
+Serve = Callable[[int, int, bytes], bytes]  # (round, client, request blob) -> reply blob
+
+
+@dataclass
+class Reply:
+    blob: bytes  # the client's upload, serialized
+    state: Any  # what the client keeps for its next round (None: nothing)
+    record: dict[str, Any]  # the client's metrics record
+
+
+OnReply = Callable[[int, Reply], None]
+
+
+class Grid(ABC):
+    """How a runtime moves one round's messages."""
+
+    def start(self, serve: Serve | None) -> None:
+        """Called once before the first round; ``serve`` answers per-batch messages (split
+        learning) and is None for frameworks that exchange one message per round."""
+
+    @abstractmethod
+    def fit(self, rnd: int, blobs: dict[int, bytes], restore: dict[int, Any], on_reply: OnReply) -> dict[int, str]:
+        """Deliver each client its blob and run its round; hand each reply to ``on_reply`` as it
+        is complete (in the order of ``blobs`` where the runtime can); return the clients that
+        failed, with the reason. ``restore`` holds client states from a checkpoint that the
+        client's node must use instead of its own."""
+
+    def stop(self) -> None: ...
+
+
+def sample_clients(cfg, rnd: int) -> list[int]:
+    k = max(1, round(cfg.fed.fraction * cfg.fed.clients))
+    if k >= cfg.fed.clients:
+        return list(range(cfg.fed.clients))
+    return sorted(random.Random(derive_seed(cfg.seed, "sample", rnd)).sample(range(cfg.fed.clients), k))
+
+
+def run_rounds(fw: Framework, grid: Grid, rundir: RunDir, progress: Progress | None = None,
+               resume: bool = False) -> dict[str, Any]:
+    cfg, progress = fw.cfg, progress or Progress()
+    wall = time.perf_counter()
+    first, states = restore(fw, rundir) if resume else (1, {})
+    pending = dict(states)  # checkpointed client states not yet handed back to their nodes
+    grid.start(serve_fn(fw) if fw.per_batch else None)
+    progress.start(cfg.fed.rounds, first)
+    try:
+        for rnd in range(first, cfg.fed.rounds + 1):
+            started = time.perf_counter()
+            sampled = sample_clients(cfg, rnd)
+            blobs = {cid: serialize(fw.configure(rnd, cid)) for cid in sampled}
+            uploads: dict[int, tuple[bytes, dict]] = {}
+
+            def on_reply(cid: int, reply: Reply, rnd=rnd, uploads=uploads) -> None:
+                if reply.state is not None:
+                    states[cid] = reply.state
+                rundir.metrics.append(reply.record)
+                progress.client_done(rnd, cid, reply.record)
+                uploads[cid] = (reply.blob, reply.record)
+
+            errors = grid.fit(rnd, blobs, {cid: pending.pop(cid) for cid in sampled if cid in pending}, on_reply)
+            # Aggregation sums in sampled order on every runtime, whatever order replies came in.
+            uploads = {cid: uploads[cid] for cid in sampled if cid in uploads}
+            dropped = [cid for cid in sampled if cid not in uploads]
+            if not uploads:
+                raise FedtuneError(f"round {rnd}: no client answered (dropped {dropped}; errors {errors})")
+            extra = {"dropped": dropped, "client_errors": {str(c): e for c, e in errors.items()}} if dropped else {}
+            server = close_round(fw, rundir, rnd, uploads, started, states, extra)
+            progress.round_done(rnd, server)
+    finally:
+        progress.stop()
+        grid.stop()
+    return finish(fw, rundir, time.perf_counter() - wall)
+
+
+def serve_fn(fw: Framework) -> Serve:
+    return lambda rnd, cid, blob: serialize(fw.serve(rnd, cid, deserialize(blob)))
+
+
+class MeteredLink:
+    """A client's per-batch channel to the server that counts the serialized bytes each way
+    and the time the server spent answering (which is not the client's compute)."""
+
+    def __init__(self, transport: Callable[[bytes], bytes]):
+        self.transport = transport  # bytes -> bytes, delivered to the server and answered
+        self.bytes_up = self.bytes_down = 0
+        self.remote_seconds = 0.0
+
+    def exchange(self, msg: Message) -> Message:
+        blob = serialize(msg)
+        self.bytes_up += len(blob)
+        start = time.perf_counter()
+        reply = self.transport(blob)
+        self.remote_seconds += time.perf_counter() - start
+        self.bytes_down += len(reply)
+        return deserialize(reply)
+
+
+def run_client(fw: Framework, rnd: int, cid: int, down: bytes, state, link: MeteredLink | None) -> Reply:
+    """The client's whole round: decode what the server sent, fit (metered), encode the reply."""
+    cfg = fw.cfg
+    with seeded(cfg.seed, "fit", rnd, cid), measure(fw.ctx.device) as usage:
+        result = fw.fit(rnd, cid, deserialize(down), state, link)
+    up = serialize(result.message)
+    remote = link.remote_seconds if link else 0.0
+    record = {
+        "round": rnd,
+        "framework": cfg.framework,
+        "client": cid,
+        "bytes_up": len(up) + (link.bytes_up if link else 0),
+        "bytes_down": len(down) + (link.bytes_down if link else 0),
+        "client_seconds": usage.seconds - remote,
+        "client_peak_mem_bytes": usage.peak_mem_bytes,
+        **result.metrics,
+    }
+    if link and (link.bytes_up or link.bytes_down):
+        record.update(bytes_up_link=link.bytes_up, bytes_down_link=link.bytes_down)
+    return Reply(up, result.state, record)
+
+
+def close_round(fw: Framework, rundir: RunDir, rnd: int, uploads: dict[int, tuple[bytes, dict]], started: float,
+                client_states: dict, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Aggregate, evaluate, log the server record and checkpoint."""
+    with measure(fw.ctx.device) as usage:
+        agg = fw.aggregate(rnd, {cid: (deserialize(blob), rec) for cid, (blob, rec) in uploads.items()}) or {}
+    ev = fw.evaluate(rnd)
+    record = {
+        "round": rnd,
+        "framework": fw.cfg.framework,
+        "client": "server",
+        **ev,
+        "server_seconds": usage.seconds,
+        "round_seconds": time.perf_counter() - started,
+        "clients": sorted(uploads),
+        **agg,
+        **(extra or {}),
+    }
+    rundir.metrics.append(record)
+    rundir.save_checkpoint(rnd, {"framework": fw.state_dict(), "client_states": client_states})
+    return record
+
+
+def restore(fw: Framework, rundir: RunDir) -> tuple[int, dict]:
+    """-> (first round to run, client states) from the run directory's checkpoint."""
+    ckpt = rundir.load_checkpoint()
+    if ckpt is None:
+        rundir.metrics.truncate_after(0)
+        return 1, {}
+    fw.load_state_dict(ckpt["framework"])
+    rundir.metrics.truncate_after(ckpt["round"])
+    return ckpt["round"] + 1, ckpt["client_states"]
+
+
+def finish(fw: Framework, rundir: RunDir, wall_seconds: float) -> dict[str, Any]:
+    models.save_adapter(fw.global_model(), rundir.path / ADAPTER, fw.ctx.data.label_names)
+    return rundir.write_summary(
+        {"framework": fw.cfg.framework, "runtime": fw.cfg.runtime, "model": fw.cfg.model.name,
+         "seed": fw.cfg.seed, "wall_seconds": wall_seconds}
+    )

@@ -1,0 +1,15 @@
+"""Server strategies: how the server turns the clients' tunable states into the next global
+state. One file per strategy, one line each in the registry below (``fed.strategy``)."""
+
+from __future__ import annotations
+
+from ..registry import Registry
+
+STRATEGIES = Registry("fed.strategy", {
+    "fedavg": "fedtune.strategies.fedavg:FedAvg",
+})
+
+
+def make(cfg):
+    """The strategy ``cfg.fed.strategy`` names, built from the run config."""
+    return STRATEGIES.load(cfg.fed.strategy)(cfg)

@@ -1,0 +1,15 @@
+"""Tasks: what a model is asked to output (one file each, one line each in the registry below,
+``train.task``). ``base.Task`` says what every task provides."""
+
+from __future__ import annotations
+
+from ..registry import Registry
+
+TASKS = Registry("train.task", {
+    "classify": "fedtune.tasks.classify:ClassifyTask",
+    "generate": "fedtune.tasks.generate:GenerateTask",
+}, titles={"classify": "classification", "generate": "generation"})
+
+
+def make(name: str, tokenizer, label_names: list[str], max_length: int):
+    return TASKS.load(name)(tokenizer, label_names, max_length)

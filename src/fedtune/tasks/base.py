@@ -1,0 +1,75 @@
+"""Tasks: what a model is asked to output, and everything that depends on it: how a text and
+its label become token ids, which outputs the loss and accuracy read, and what they cost.
+
+- ``classify``: a sequence-classification head; one output row per example (width = labels).
+- ``generate``: a causal LM fine-tuned instruction-style to write the intent name after the
+  query; one output row per *answer token* (width = vocabulary). Loss is on the answer tokens
+  only; an example is correct when greedy decoding reproduces its label exactly.
+
+Batches keep the class index as ``labels`` for both tasks: with right padding the answer is
+the last ``len(answer)`` tokens of each row, so its positions follow from the label alone.
+
+Every framework goes through ``Task.outputs/loss/evaluate/flops`` (split learning's server
+applies ``from_hidden`` to its part's final hidden states); KD exchanges the rows of
+``outputs`` on the public set, so its payload grows from labels to vocabulary under generate."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data import Batch, Rows
+from ..metering import FlopModel
+
+
+class Task:
+    name: str
+
+    def encode(self, rows: Rows) -> list[list[int]]:
+        """Token ids of each example (truncated, unpadded)."""
+        raise NotImplementedError
+
+    def outputs(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The logits the task reads: (rows, width), rows in batch order."""
+        raise NotImplementedError
+
+    def targets(self, batch: Batch) -> torch.Tensor:
+        """The correct class of each output row."""
+        raise NotImplementedError
+
+    def row_sample(self, batch: Batch) -> torch.Tensor:
+        """For each output row, the position in the batch of the example it belongs to."""
+        raise NotImplementedError
+
+    def rows_per_example(self, labels: list[int]) -> list[int]:
+        raise NotImplementedError
+
+    def from_hidden(self, model: nn.Module, hidden: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """``outputs`` from the final hidden states (after the final norm), (batch, length, hidden):
+        what split learning's server part produces."""
+        raise NotImplementedError(f"task {self.name} has no head on the final hidden states")
+
+    def flops(self, fm: FlopModel, batch: Batch, train: bool, blocks: range | None = None) -> int:
+        """FLOPs of ``outputs`` (and its backward if train); ``blocks`` as in ``FlopModel.count``."""
+        return fm.count(*batch.shape, train=train, blocks=blocks)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return F.cross_entropy(self.outputs(model, batch), self.targets(batch))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, batches: list[Batch], device: torch.device) -> dict[str, float]:
+        """-> accuracy (an example is right when all its rows are) and mean loss per row."""
+        model.eval()
+        loss_sum, rows, correct, examples = 0.0, 0, 0, 0
+        for batch in batches:
+            b = batch.to(device)
+            out = self.outputs(model, b).float()
+            tgt = self.targets(b)
+            loss_sum += F.cross_entropy(out, tgt, reduction="sum").item()
+            rows += len(tgt)
+            wrong = torch.zeros(len(b.labels), device=out.device)
+            wrong.index_add_(0, self.row_sample(b), (out.argmax(-1) != tgt).float())
+            correct += int((wrong == 0).sum())
+            examples += len(b.labels)
+        return {"accuracy": correct / max(examples, 1), "loss": loss_sum / max(rows, 1)}
