@@ -32,7 +32,7 @@ def test_analytic_flops_match_flop_counter(name, train):
             out.loss.backward()
     measured = counter.get_total_flops()
     analytic = FlopModel.of(model).count(batch, length, train=train)
-    assert abs(analytic - measured) / measured < 0.10, (analytic, measured)
+    assert abs(analytic - measured) / measured < 0.02, (analytic, measured)  # the README states 2%
 
 
 def test_flops_grow_with_rank_and_length():

@@ -94,51 +94,68 @@ def load(path: str | Path, out: str | Path | None = None) -> Experiment:
     """Read an experiment file and expand it into points (every config is built and
     validated here, so a typo fails before anything runs)."""
     path = Path(path)
-    tree = configlib.read_tree(path)
-    unknown = set(tree) - {"sweep", "base", "grid"}
-    if unknown:
-        raise FedtuneError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; expected sweep, base, grid")
+    tree = read_experiment(path)
     head = _table(tree, "sweep", str(path))
-    bad = set(head) - {"preset", "seeds", "out"}
-    if bad:
-        raise FedtuneError(f"{path}: unknown [sweep] key(s) {', '.join(sorted(bad))}; expected preset, seeds, out")
     preset = head.get("preset", "demo")
     base = configlib.flatten(_table(tree, "base", str(path)))
     base_cfg = configlib.build_config(preset, None, base)
-    default_seeds = head.get("seeds", base_cfg.seeds)
     out = Path(out or head.get("out") or f"runs/sweep-{path.stem}")
     grids = tree.get("grid") or [{}]
     if not isinstance(grids, list):
         raise FedtuneError(f"{path}: 'grid' must be an array of tables ([[grid]])")
-
     points: list[Point] = []
     for i, grid in enumerate(grids, 1):
-        where = f"{path}: grid {i}"
-        bad = set(grid) - GRID_KEYS
-        if bad:
-            raise FedtuneError(f"{where}: unknown key(s) {', '.join(sorted(bad))}; expected {', '.join(sorted(GRID_KEYS))}")
-        fixed = configlib.flatten(_table(grid, "set", where))
-        vary = configlib.flatten(_table(grid, "vary", where))
-        for key, values in vary.items():
-            if not isinstance(values, list) or not values:
-                raise FedtuneError(f"{where}: vary.{key} must be a non-empty list of values")
-        seeds = grid.get("seeds", default_seeds)
-        if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
-            raise FedtuneError(f"{where}: seeds must be a non-empty list of integers")
-        name = str(grid.get("name") or fixed.get("framework") or base_cfg.framework)
+        name, fixed, vary, seeds = read_grid(grid, f"{path}: grid {i}", base_cfg, head.get("seeds", base_cfg.seeds))
         if any(p.grid == name for p in points):
-            raise FedtuneError(f"{where}: grid name {name!r} is used twice; give each grid its own name")
-        for combo in itertools.product(*vary.values()):
-            values = dict(zip(vary, combo))
-            for seed in seeds:
-                pname = _point_name(name, values, seed)
-                overrides = {**base, **fixed, **values, "seed": seed, "out": str(out / pname)}
-                try:
-                    cfg = configlib.build_config(preset, None, overrides)
-                except FedtuneError as exc:
-                    raise FedtuneError(f"{where}: {exc}") from None
-                points.append(Point(pname, name, values, seed, cfg))
+            raise FedtuneError(f"{path}: grid {i}: grid name {name!r} is used twice; give each grid its own name")
+        points += grid_points(name, fixed, vary, seeds, preset, base, out, f"{path}: grid {i}")
     return Experiment(path, out, points)
+
+
+def read_experiment(path: Path) -> dict[str, Any]:
+    """The experiment file's tables, with unknown tables and [sweep] keys refused."""
+    tree = configlib.read_tree(path)
+    unknown = set(tree) - {"sweep", "base", "grid"}
+    if unknown:
+        raise FedtuneError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; expected sweep, base, grid")
+    bad = set(_table(tree, "sweep", str(path))) - {"preset", "seeds", "out"}
+    if bad:
+        raise FedtuneError(f"{path}: unknown [sweep] key(s) {', '.join(sorted(bad))}; expected preset, seeds, out")
+    return tree
+
+
+def read_grid(grid: dict, where: str, base_cfg: configlib.RunConfig, default_seeds: list[int]):
+    """One [[grid]] table -> (name, fixed keys, varied keys with their lists, seeds)."""
+    bad = set(grid) - GRID_KEYS
+    if bad:
+        raise FedtuneError(f"{where}: unknown key(s) {', '.join(sorted(bad))}; expected {', '.join(sorted(GRID_KEYS))}")
+    fixed = configlib.flatten(_table(grid, "set", where))
+    vary = configlib.flatten(_table(grid, "vary", where))
+    for key, values in vary.items():
+        if not isinstance(values, list) or not values:
+            raise FedtuneError(f"{where}: vary.{key} must be a non-empty list of values")
+    seeds = grid.get("seeds", default_seeds)
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) for s in seeds):
+        raise FedtuneError(f"{where}: seeds must be a non-empty list of integers")
+    name = str(grid.get("name") or fixed.get("framework") or base_cfg.framework)
+    return name, fixed, vary, seeds
+
+
+def grid_points(name: str, fixed: dict, vary: dict, seeds: list[int], preset: str, base: dict, out: Path,
+                where: str) -> list[Point]:
+    """The cartesian product of the varied keys x seeds, each a validated config."""
+    points = []
+    for combo in itertools.product(*vary.values()):
+        values = dict(zip(vary, combo))
+        for seed in seeds:
+            pname = _point_name(name, values, seed)
+            overrides = {**base, **fixed, **values, "seed": seed, "out": str(out / pname)}
+            try:
+                cfg = configlib.build_config(preset, None, overrides)
+            except FedtuneError as exc:
+                raise FedtuneError(f"{where}: {exc}") from None
+            points.append(Point(pname, name, values, seed, cfg))
+    return points
 
 
 def _identity(cfg: configlib.RunConfig) -> dict[str, Any]:
