@@ -116,7 +116,7 @@ def cmd_run(args) -> int:
         preflight(cfg)
         rundir = RunDir.create(cfg)
         start = f"{plural(cfg.fed.clients, 'client')}, {plural(cfg.fed.rounds, 'round')} -> {rundir.path}"
-    console.print(f"[bold]fedtune[/] {cfg.framework} on {cfg.model.name}: {start}", highlight=False)
+    console.print(f"[bold]fedtune[/] {cfg.framework} on {cfg.model.name}: {start}", highlight=False, soft_wrap=True)
     try:
         summary = run(cfg, rundir, _progress(args, cfg, console), resume=bool(args.resume))
     except KeyboardInterrupt as exc:

@@ -76,7 +76,8 @@ def print_table(records: list[dict[str, Any]], title: str, console) -> None:
     from rich.measure import Measurement
 
     t = table(records, title)
-    if console.is_terminal and Measurement.get(console, console.options, t).maximum <= console.width:
+    natural = Measurement.get(console, console.options.update_width(10_000), t).maximum  # unbounded: no cuts
+    if console.is_terminal and natural <= console.width:
         console.print(t)
     else:
         print(plain_table(records, title), file=console.file, flush=True)

