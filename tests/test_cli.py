@@ -67,6 +67,14 @@ def test_bad_input_is_one_clear_line(tmp_path, capsys, make_args, message):
     assert not (tmp_path / "out").exists()  # checked before anything is written
 
 
+def test_a_failure_once_the_model_is_built_leaves_no_run_directory(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["run", "--out", str(out), *TINY_ARGS, "--set", "model.target_modules=no_such_layer"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("fedtune: error: LoRA: ")
+    assert len(err) == 2 and not out.exists()
+
+
 def test_unknown_model_fails_at_once_before_the_model_loads(tmp_path, capsys, monkeypatch):
     import time
 

@@ -119,6 +119,10 @@ def cmd_run(args) -> int:
     console.print(f"[bold]fedtune[/] {cfg.framework} on {cfg.model.name}: {start}", highlight=False, soft_wrap=True)
     try:
         summary = run(cfg, rundir, _progress(args, cfg, console), resume=bool(args.resume))
+    except Exception:
+        if not args.resume and not rundir.metrics.path.exists():
+            rundir.discard()
+        raise
     except KeyboardInterrupt as exc:
         ckpt = rundir.load_checkpoint()
         after = f"after round {ckpt['round']}" if ckpt else "before the first round ended"

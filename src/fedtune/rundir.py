@@ -40,6 +40,15 @@ class RunDir:
             raise FedtuneError(f"{path}: not a run directory (no {CONFIG})")
         return cls(path), configlib.build_config(file=path / CONFIG)
 
+    def discard(self) -> None:
+        """Remove what ``create`` wrote, for a run that failed before its first record: bad input
+        found only once the model is built leaves nothing behind either."""
+        (self.path / CONFIG).unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except OSError:  # the directory held other files before: they stay
+            pass
+
     def save_checkpoint(self, rnd: int, state: dict[str, Any]) -> None:
         # Written then renamed: a run killed while saving keeps the previous checkpoint.
         tmp = self.path / (CHECKPOINT + ".tmp")
