@@ -87,9 +87,10 @@ def _progress(args, cfg, console):
         return Progress()
     if console.is_terminal:
         return RichProgress()
+    from .runtimes.rounds import sample_clients
+
     # No terminal (nohup, tee, a scheduler, CI): a live bar shows nothing there; plain lines do.
-    per_round = max(1, min(cfg.fed.clients, round(cfg.fed.fraction * cfg.fed.clients)))
-    return LogProgress(per_round, cfg.train.local_epochs, args.log_every)
+    return LogProgress(len(sample_clients(cfg, 1)), cfg.train.local_epochs, args.log_every)
 
 
 def cmd_run(args) -> int:
@@ -104,9 +105,7 @@ def cmd_run(args) -> int:
     if args.resume:
         rundir, cfg = RunDir.open(args.resume)
         preflight(cfg)
-        ckpt = rundir.load_checkpoint()  # unreadable: a one-line error before any work
-        done = ckpt["round"] if ckpt else 0
-        del ckpt
+        done = rundir.last_round()  # an unreadable checkpoint: a one-line error before any work
         start = (f"resuming {rundir.path} from round {done + 1} of {cfg.fed.rounds}" if done < cfg.fed.rounds
                  else f"{rundir.path}: all {plural(cfg.fed.rounds, 'round')} done; writing its results again")
     else:
@@ -124,8 +123,8 @@ def cmd_run(args) -> int:
             rundir.discard()
         raise
     except KeyboardInterrupt as exc:
-        ckpt = rundir.load_checkpoint()
-        after = f"after round {ckpt['round']}" if ckpt else "before the first round ended"
+        done = rundir.last_round()
+        after = f"after round {done}" if done else "before the first round ended"
         print(f"fedtune: stopped {after}; resume with --resume {rundir.path}", file=sys.stderr)
         return _exit_status(exc)
     if not args.quiet:

@@ -65,14 +65,20 @@ class RunDir:
             ckpt = torch.load(p, weights_only=False)
             ckpt["round"]
         except Exception as exc:  # truncated or corrupt files raise many types (pickle, zip, EOF, OS)
+            reason = f"{type(exc).__name__}: {(str(exc) or '-').splitlines()[0]}"
             done = max((r["round"] for r in self.metrics.records() if r["client"] == "server"), default=0)
             lost = f"it held the state after round {done}, the last metrics.jsonl records; " if done else ""
             raise FedtuneError(
-                f"{p}: unreadable, truncated or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else '-'}); "
-                f"{lost}no older checkpoint is kept, so delete {p} and run --resume {self.path} again to redo the "
-                f"run from round 1 in this directory, or start a new run"
+                f"{p}: unreadable, truncated or corrupt ({reason}); {lost}no older checkpoint is kept, so delete "
+                f"{p} and run --resume {self.path} again to redo the run from round 1 in this directory, or start "
+                f"a new run"
             ) from None
         return ckpt
+
+    def last_round(self) -> int:
+        """The last round the checkpoint holds; 0 before the first."""
+        ckpt = self.load_checkpoint()
+        return ckpt["round"] if ckpt else 0
 
     def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
         summary = summarize(self.metrics.records(), extra)
@@ -126,6 +132,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 ADAPTER
 labels = json.load(open(f"{adapter}/labels.json"))
 tok = AutoTokenizer.from_pretrained(adapter)
+# transformers reports a newly initialized head here: the adapter's trained head replaces it.
 base = AutoModelForSequenceClassification.from_pretrained(
     PeftConfig.from_pretrained(adapter).base_model_name_or_path, num_labels=len(labels), pad_token_id=tok.pad_token_id)
 model = PeftModel.from_pretrained(base, adapter).eval()
