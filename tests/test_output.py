@@ -81,7 +81,7 @@ def test_the_table_of_a_run_in_a_log_has_every_number(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_the_documented_adapter_snippet_runs_and_gives_the_runs_accuracy(tmp_path):
+def test_the_documented_adapter_snippet_runs_and_gives_the_runs_accuracy(tmp_path, capfd):
     """docs/run-directory.md's snippet, run as printed in a fresh process beside a tiny run on a
     model directory, then the test rows through the model it loaded: the run's accuracy."""
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -100,8 +100,11 @@ def test_the_documented_adapter_snippet_runs_and_gives_the_runs_accuracy(tmp_pat
     AutoModelForCausalLM.from_config(config).save_pretrained(base_dir)
     tok.save_pretrained(base_dir)
     out = tmp_path / "runs" / "tiny"
+    capfd.readouterr()
     assert main(["run", "--out", str(out), "--clients", "2", "--rounds", "2", "--quiet", *SMALL,
                  "--model", str(base_dir)]) == 0
+    # Loading a model directory is quiet: no deprecation warnings, no loading bars.
+    assert capfd.readouterr().err.splitlines() == [f"fedtune fedavg on {base_dir}: 2 clients, 2 rounds -> {out}"]
     adapter_cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["base_model_name_or_path"] == str(base_dir.resolve())
     readme = (out / "adapter" / "README.md").read_text()
