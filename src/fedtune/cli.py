@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from pathlib import Path
 
+from . import __version__
 from .errors import FedtuneError
 from .frameworks import FRAMEWORKS
 from .runtimes import RUNTIMES
@@ -21,6 +23,7 @@ FLAGS = {
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of LLMs with LoRA.")
+    p.add_argument("--version", action="version", version=f"fedtune {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run one federated fine-tuning job")
     r.add_argument("--framework", choices=FRAMEWORKS.names)
@@ -37,6 +40,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
     r.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last checkpoint")
     r.add_argument("--quiet", action="store_true", help="no progress bar or table")
+    r.add_argument("--log-every", type=float, default=0.0, metavar="SECONDS",
+                   help="without a terminal (a log), also report the current client's steps at most every SECONDS; "
+                        "default 0: one line per client and per round")
     s = sub.add_parser("sweep", help="run a grid of configs x seeds from an experiment file, then report")
     s.add_argument("experiment", help="experiment TOML file (see docs/sweeps.md)")
     s.add_argument("--out", help="sweep directory (default: the file's [sweep] out, else runs/sweep-<file stem>)")
@@ -51,38 +57,78 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def preflight(cfg) -> None:
-    """Check the data and the model source before a run directory is made, so that bad input
-    leaves nothing behind."""
+    """Check the data and the model source before any work and before a run directory exists,
+    so that bad input is one line and leaves nothing behind. What it resolves (the data path,
+    the split layer) goes into ``cfg``, so that config.toml reproduces the run elsewhere."""
+    from . import config as configlib
     from . import data as datalib
     from . import models
 
     datalib.load(cfg.data, cfg.fed.clients, cfg.seed)
+    cfg.data.path = datalib.resolved_path(cfg.data)
     models.resolve(cfg.model.name)
+    if cfg.framework == "split":
+        depth = models.depth(cfg.model.name)  # from the model's config: no weights are loaded
+        if depth < 2:
+            raise FedtuneError(f"split learning needs a model of at least 2 blocks; {cfg.model.name} has {depth}")
+        layer = configlib.split_layer_for(cfg.split.split_layer, depth)
+        if not 1 <= layer <= depth - 1:
+            raise FedtuneError(
+                f"split.split_layer={layer}: {cfg.model.name} has {depth} transformer blocks, so the client can keep "
+                f"1..{depth - 1} of them (0 = auto: 2, or L-1 for shallower models)"
+            )
+        cfg.split.split_layer = layer
+
+
+def _progress(args, cfg, console):
+    from .console import LogProgress, Progress, RichProgress
+
+    if args.quiet:
+        return Progress()
+    if console.is_terminal:
+        return RichProgress()
+    from .runtimes.rounds import sample_clients
+
+    # No terminal (nohup, tee, a scheduler, CI): a live bar shows nothing there; plain lines do.
+    return LogProgress(len(sample_clients(cfg, 1)), cfg.train.local_epochs, args.log_every)
 
 
 def cmd_run(args) -> int:
     from rich.console import Console
 
     from . import config as configlib
-    from .console import Progress, RichProgress, table
+    from .console import plural, print_table
     from .rundir import RunDir
     from .runtimes import run
 
+    console = Console(stderr=True)
     if args.resume:
         rundir, cfg = RunDir.open(args.resume)
+        preflight(cfg)
+        done = rundir.last_round()  # an unreadable checkpoint: a one-line error before any work
+        start = (f"resuming {rundir.path} from round {done + 1} of {cfg.fed.rounds}" if done < cfg.fed.rounds
+                 else f"{rundir.path}: all {plural(cfg.fed.rounds, 'round')} done; writing its results again")
     else:
         overrides = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
         overrides.update(configlib.parse_overrides(args.set))
         cfg = configlib.build_config(args.preset, args.config, overrides)
         preflight(cfg)
         rundir = RunDir.create(cfg)
-    console = Console(stderr=True)
-    console.print(f"[bold]fedtune[/] {cfg.framework} on {cfg.model.name}: {cfg.fed.clients} clients, "
-                  f"{cfg.fed.rounds} rounds -> {rundir.path}")
-    progress = Progress() if args.quiet or not console.is_terminal else RichProgress()
-    summary = run(cfg, rundir, progress, resume=bool(args.resume))
+        start = f"{plural(cfg.fed.clients, 'client')}, {plural(cfg.fed.rounds, 'round')} -> {rundir.path}"
+    console.print(f"[bold]fedtune[/] {cfg.framework} on {cfg.model.name}: {start}", highlight=False, soft_wrap=True)
+    try:
+        summary = run(cfg, rundir, _progress(args, cfg, console), resume=bool(args.resume))
+    except Exception:
+        if not args.resume and not rundir.metrics.path.exists():
+            rundir.discard()
+        raise
+    except KeyboardInterrupt as exc:
+        done = rundir.last_round()
+        after = f"after round {done}" if done else "before the first round ended"
+        print(f"fedtune: stopped {after}; resume with --resume {rundir.path}", file=sys.stderr)
+        return _exit_status(exc)
     if not args.quiet:
-        Console().print(table(rundir.metrics.records(), title=f"fedtune {cfg.framework} ({rundir.path})"))
+        print_table(rundir.metrics.records(), f"fedtune {cfg.framework} ({rundir.path})", Console())
     acc = summary.get("final_test_accuracy")
     print(f"final test accuracy {acc:.2%}; results in {rundir.path}" if acc is not None else f"results in {rundir.path}")
     return 0
@@ -127,16 +173,38 @@ def cmd_report(args) -> int:
 COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report}
 
 
+class Stopped(KeyboardInterrupt):
+    """A stop signal other than Ctrl-C (SIGTERM from kill, a scheduler or CI), handled like it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    raise Stopped(signum)
+
+
+def _exit_status(exc: KeyboardInterrupt) -> int:
+    return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
+
+
 def main(argv: list[str] | None = None) -> int:
+    # fedtune never downloads at run time unless asked (HF_HUB_OFFLINE=0): an unknown model name
+    # is then an error at once, not a minute of retries. Set before huggingface_hub is imported.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args = _parser().parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
         return COMMANDS[args.command](args)
     except FedtuneError as exc:
         print(f"fedtune: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         print("fedtune: interrupted; resume with --resume (a sweep: rerun the same command)", file=sys.stderr)
-        return 130
+        return _exit_status(exc)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -91,10 +91,18 @@ class KDConfig:
 
 @dataclass
 class SplitConfig:
-    split_layer: int = 2  # transformer blocks (plus embeddings) kept on the client
+    # Transformer blocks (plus embeddings) kept on the client; 0 = auto (split_layer_for): 2, or
+    # L-1 for models with fewer than 3 blocks (the tiny test models have 2).
+    split_layer: int = 0
     samples_per_round: int = 0  # 0 = the client's whole shard each round
     act_dtype: str = "fp32"  # fp32, fp16, bf16, int8
     act_topk: float = 0.0  # 0 = dense; else the fraction of activation values kept
+
+
+def split_layer_for(split_layer: int, depth: int) -> int:
+    """The blocks a split-learning client keeps for a model of ``depth`` blocks: ``split_layer``,
+    or with 0 (auto) 2, or depth-1 for shallower models so that the server keeps at least one."""
+    return split_layer or min(2, depth - 1)
 
 
 @dataclass
@@ -338,6 +346,8 @@ def validate(cfg: RunConfig) -> None:
             raise FedtuneError(f"{key} must be >= 0")
     if not 0.0 <= cfg.split.act_topk < 1.0:
         raise FedtuneError(f"split.act_topk must be in [0, 1) (0 = dense); got {cfg.split.act_topk}")
+    if cfg.split.split_layer < 0:
+        raise FedtuneError(f"split.split_layer must be >= 0 (0 = auto); got {cfg.split.split_layer}")
     if cfg.split.samples_per_round < 0:
         raise FedtuneError("split.samples_per_round must be >= 0 (0 = the whole shard)")
 

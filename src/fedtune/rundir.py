@@ -40,6 +40,15 @@ class RunDir:
             raise FedtuneError(f"{path}: not a run directory (no {CONFIG})")
         return cls(path), configlib.build_config(file=path / CONFIG)
 
+    def discard(self) -> None:
+        """Remove what ``create`` wrote, for a run that failed before its first record: bad input
+        found only once the model is built leaves nothing behind either."""
+        (self.path / CONFIG).unlink(missing_ok=True)
+        try:
+            self.path.rmdir()
+        except OSError:  # the directory held other files before: they stay
+            pass
+
     def save_checkpoint(self, rnd: int, state: dict[str, Any]) -> None:
         # Written then renamed: a run killed while saving keeps the previous checkpoint.
         tmp = self.path / (CHECKPOINT + ".tmp")
@@ -47,10 +56,95 @@ class RunDir:
         os.replace(tmp, self.path / CHECKPOINT)
 
     def load_checkpoint(self) -> dict[str, Any] | None:
+        """The state after the last completed round, or None before the first; a file that
+        cannot be read is a one-line error that says what the user can do."""
         p = self.path / CHECKPOINT
-        return torch.load(p, weights_only=False) if p.is_file() else None
+        if not p.is_file():
+            return None
+        try:
+            ckpt = torch.load(p, weights_only=False)
+            ckpt["round"]
+        except Exception as exc:  # truncated or corrupt files raise many types (pickle, zip, EOF, OS)
+            reason = f"{type(exc).__name__}: {(str(exc) or '-').splitlines()[0]}"
+            done = max((r["round"] for r in self.metrics.records() if r["client"] == "server"), default=0)
+            lost = f"it held the state after round {done}, the last metrics.jsonl records; " if done else ""
+            raise FedtuneError(
+                f"{p}: unreadable, truncated or corrupt ({reason}); {lost}no older checkpoint is kept, so delete "
+                f"{p} and run --resume {self.path} again to redo the run from round 1 in this directory, or start "
+                f"a new run"
+            ) from None
+        return ckpt
+
+    def last_round(self) -> int:
+        """The last round the checkpoint holds; 0 before the first."""
+        ckpt = self.load_checkpoint()
+        return ckpt["round"] if ckpt else 0
 
     def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
         summary = summarize(self.metrics.records(), extra)
         (self.path / SUMMARY).write_text(json.dumps(summary, indent=2))
         return summary
+
+    def write_adapter_readme(self, cfg: configlib.RunConfig, summary: dict[str, Any]) -> None:
+        """adapter/README.md: what the run was and how to load its adapter (code runnable as printed)."""
+        from .models import TINY, base_reference
+
+        adapter = (self.path / ADAPTER).resolve()
+        base, how = base_reference(cfg.model.name)
+        acc, best = summary.get("final_test_accuracy"), summary.get("best_test_accuracy")
+        labels = len(json.loads((adapter / "labels.json").read_text()))
+        rows = [
+            ("base model", f"`{base}`: {how}"),
+            ("task", f"{cfg.train.task}, {labels} labels (labels.json)"),
+            ("data", f"`{cfg.data.path or 'Banking77 (default)'}`: {cfg.fed.clients} clients, {cfg.data.partition} partition"),
+            ("framework", f"{cfg.framework} (strategy {cfg.fed.strategy}, runtime {cfg.runtime})"),
+            ("rounds", str(summary.get("rounds", cfg.fed.rounds))),
+            ("final test accuracy", f"{acc:.2%} (best {best:.2%})" if acc is not None else "-"),
+            ("seed", str(cfg.seed)),
+        ]
+        if cfg.model.name in TINY:
+            use = "Nothing outside fedtune can load it: its base is a random-init test model.\n"
+        elif cfg.train.task == "classify":
+            use = f"```python\n{adapter_snippet(str(adapter))}```\n"
+        else:
+            use = ("Load the base with `AutoModelForCausalLM`, then `PeftModel.from_pretrained(base, adapter)`; the "
+                   "model writes the intent after the prompt `Query: <text>\\nIntent:` (greedy decoding).\n")
+        text = "\n".join([
+            f"# fedtune adapter: {cfg.framework} on {cfg.model.name}", "",
+            "A LoRA adapter (with the classification head, for classify) in PEFT format, the final global model of "
+            f"the federated run in `{self.path.resolve()}` (its `config.toml` reproduces the run; `metrics.jsonl` "
+            "holds every round).", "",
+            "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], "",
+            "## Use it", "", use,
+        ])
+        (adapter / "README.md").write_text(text)
+
+
+# How to load and use a classify adapter: docs/run-directory.md prints it with the newest run's
+# adapter, every adapter/README.md with its own path; tests run it.
+SNIPPET = """\
+import json
+IMPORTS
+import torch
+from peft import PeftConfig, PeftModel
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+ADAPTER
+labels = json.load(open(f"{adapter}/labels.json"))
+tok = AutoTokenizer.from_pretrained(adapter)
+# transformers reports a newly initialized head here: the adapter's trained head replaces it.
+base = AutoModelForSequenceClassification.from_pretrained(
+    PeftConfig.from_pretrained(adapter).base_model_name_or_path, num_labels=len(labels), pad_token_id=tok.pad_token_id)
+model = PeftModel.from_pretrained(base, adapter).eval()
+with torch.no_grad():
+    logits = model(**tok(["I still have not received my new card"], return_tensors="pt")).logits
+print(labels[logits.argmax(-1).item()])
+"""
+NEWEST_ADAPTER = 'adapter = max(glob.glob("runs/*/adapter"), key=os.path.getmtime)  # the newest run\'s'
+
+
+def adapter_snippet(adapter: str | None = None) -> str:
+    """The snippet for the adapter at ``adapter``, or (None) for the newest one under runs/."""
+    if adapter is None:
+        return SNIPPET.replace("import json\nIMPORTS", "import glob\nimport json\nimport os\n").replace("ADAPTER", NEWEST_ADAPTER)
+    return SNIPPET.replace("IMPORTS\n", "\n").replace("ADAPTER", f"adapter = {json.dumps(adapter)}")

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import compression, models
+from ..config import split_layer_for
 from ..data import Batch
 from ..errors import FedtuneError
 from ..wire import Message, serialize
@@ -37,7 +38,8 @@ class SplitFramework(Framework):
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
-        self.split = CutModel(ctx.model, self.cfg.split.split_layer)
+        depth = ctx.model.config.num_hidden_layers
+        self.split = CutModel(ctx.model, split_layer_for(self.cfg.split.split_layer, depth))
         self.global_state = models.get_tunable(self.split.client)  # the client part's LoRA
         # The server keeps its part and its optimizer across clients and rounds.
         self.server_opt = make_optimizer(self.split.server, self.cfg.train)

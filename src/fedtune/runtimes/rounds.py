@@ -179,8 +179,11 @@ def restore(fw: Framework, rundir: RunDir) -> tuple[int, dict]:
 
 
 def finish(fw: Framework, rundir: RunDir, wall_seconds: float) -> dict[str, Any]:
-    models.save_adapter(fw.global_model(), rundir.path / ADAPTER, fw.ctx.data.label_names)
-    return rundir.write_summary(
+    models.save_adapter(fw.global_model(), rundir.path / ADAPTER, fw.ctx.data.label_names, fw.ctx.tokenizer,
+                        fw.cfg.model.name)
+    summary = rundir.write_summary(
         {"framework": fw.cfg.framework, "runtime": fw.cfg.runtime, "model": fw.cfg.model.name,
          "seed": fw.cfg.seed, "wall_seconds": wall_seconds}
     )
+    rundir.write_adapter_readme(fw.cfg, summary)
+    return summary
