@@ -177,30 +177,45 @@ def dirichlet_partition(labels: list[int], clients: int, alpha: float, rng: rand
 def load(cfg: DataConfig, clients: int, seed: int) -> FedData:
     """Read, check and split the data. Deterministic given (cfg, clients, seed)."""
     train_rows, test_rows, root = read_raw(cfg)
-    counts = Counter(label for _, label in train_rows)
-    names = sorted(counts)
-    if cfg.max_labels:
-        names = sorted(sorted(counts, key=lambda n: (-counts[n], n))[: cfg.max_labels])
+    names = label_names(train_rows, cfg.max_labels)
     index = {n: i for i, n in enumerate(names)}
     test_file = f"{root}/test.csv" if isinstance(root, Path) else f"{root}:test"
-    test_texts, test_labels = [], []
+    test = labelled_test(test_rows, index, test_file, reduced=bool(cfg.max_labels))
+    pool = Rows([t for t, l in train_rows if l in index], [index[l] for t, l in train_rows if l in index])
+    public, private = public_and_private(pool, set(test.texts), cfg, seed)
+    shards = partition(private, clients, cfg, seed)
+    return FedData(names, public, [private.subset(s) for s in shards], test_subset(test, cfg.test_size))
+
+
+def label_names(train_rows: list[tuple[str, str]], max_labels: int) -> list[str]:
+    """Every label in the training rows, sorted; with max_labels, the most frequent ones."""
+    counts = Counter(label for _, label in train_rows)
+    if max_labels:
+        return sorted(sorted(counts, key=lambda n: (-counts[n], n))[:max_labels])
+    return sorted(counts)
+
+
+def labelled_test(test_rows: list[tuple[str, str]], index: dict[str, int], test_file: str, reduced: bool) -> Rows:
+    test = Rows([], [])
     for line, (text, label) in enumerate(test_rows, start=2):
         if label not in index:
-            if cfg.max_labels:
+            if reduced:
                 continue  # a label deliberately left out of a reduced task
             raise FedtuneError(f"{test_file}: row {line}: label {label!r} never appears in training data")
-        test_texts.append(text)
-        test_labels.append(index[label])
-    pool = [(t, index[l]) for t, l in train_rows if l in index]
+        test.texts.append(text)
+        test.labels.append(index[label])
+    return test
 
-    rng = random.Random(seed)
+
+def public_and_private(pool: Rows, test_texts: set[str], cfg: DataConfig, seed: int) -> tuple[Rows, Rows]:
+    """The pool shuffled by seed: the public set from its front, the private set from its back, so
+    sweeping public_size never changes the clients' data."""
     order = list(range(len(pool)))
-    rng.shuffle(order)
+    random.Random(seed).shuffle(order)
     # Rows whose text is also a test question go to the back (the private end): the public set,
     # which KD's server model learns from, then never holds a test question unless it must
     # (Banking77 has 6 such texts; the paper split puts 3 of them in its public set otherwise).
-    test_set = set(test_texts)
-    order = [i for i in order if pool[i][0] not in test_set] + [i for i in order if pool[i][0] in test_set]
+    order = [i for i in order if pool.texts[i] not in test_texts] + [i for i in order if pool.texts[i] in test_texts]
     if cfg.public_size >= len(pool) and not cfg.private_size:
         raise FedtuneError(
             f"data.public_size ({cfg.public_size}) leaves no private rows: only {len(pool)} training rows "
@@ -212,28 +227,30 @@ def load(cfg: DataConfig, clients: int, seed: int) -> FedData:
             f"data.public_size ({cfg.public_size}) + data.private_size ({private_size}) exceed the "
             f"{len(pool)} training rows available"
         )
-    public_idx = order[: cfg.public_size]
-    private_idx = order[len(order) - private_size :]
-    all_train = Rows([t for t, _ in pool], [y for _, y in pool])
-    public, private = all_train.subset(public_idx), all_train.subset(private_idx)
+    return pool.subset(order[: cfg.public_size]), pool.subset(order[len(order) - private_size :])
 
-    part_rng = random.Random(f"partition-{seed}")
+
+def partition(private: Rows, clients: int, cfg: DataConfig, seed: int) -> list[list[int]]:
+    """The private rows over the clients (data.partition); every client gets at least one row."""
+    rng = random.Random(f"partition-{seed}")
     if cfg.partition == "iid":
-        shards = iid_partition(len(private), clients, part_rng)
+        shards = iid_partition(len(private), clients, rng)
     else:
-        shards = dirichlet_partition(private.labels, clients, cfg.dirichlet_alpha, part_rng)
+        shards = dirichlet_partition(private.labels, clients, cfg.dirichlet_alpha, rng)
     for c, shard in enumerate(shards):
         if not shard:
             raise FedtuneError(
                 f"client {c} was left with no data ({len(private)} private rows over {clients} clients, "
                 f"partition={cfg.partition}); use fewer clients, more data or a larger dirichlet_alpha"
             )
+    return shards
 
-    test = Rows(test_texts, test_labels)
-    if cfg.test_size and cfg.test_size < len(test):
-        pick = sorted(random.Random(TEST_SUBSET_SEED).sample(range(len(test)), cfg.test_size))
-        test = test.subset(pick)
-    return FedData(names, public, [private.subset(s) for s in shards], test)
+
+def test_subset(test: Rows, size: int) -> Rows:
+    """A fixed subset, the same for every seed, so runs with different seeds see the same questions."""
+    if size and size < len(test):
+        return test.subset(sorted(random.Random(TEST_SUBSET_SEED).sample(range(len(test)), size)))
+    return test
 
 
 # --------------------------------------------------------------------------- tokenization
