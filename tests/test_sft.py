@@ -346,6 +346,10 @@ def test_generate_streams_the_runs_answers(tmp_path, sft_dir, capfd):
     prompts = write_jsonl(tmp_path / "p.jsonl", ["What is 1 plus 1?", {"question": "What is 2 plus 2?"}])
     assert cli.main(["generate", str(rundir.path), "--file", str(prompts), "--max-new-tokens", "4"]) == 0
     assert "### 2: What is 2 plus 2?" in capfd.readouterr().out
+    # A run trained on a GPU in bf16 still answers where there is none: inference is full precision.
+    config = rundir.path / "config.toml"
+    config.write_text(config.read_text().replace("bf16 = false", "bf16 = true"))
+    assert generate(rundir.path, [[{"role": "user", "content": "What is 5 plus 5?"}]], 6, stream=False)[0] == answer
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(tmp_path, sft_dir):

@@ -290,9 +290,6 @@ def save_adapter(model: nn.Module, out: Path, label_names: list[str]) -> None:
 
 def merged_model(model: nn.Module) -> nn.Module:
     """The plain Hugging Face model with LoRA folded into its weights and the trained head in
-    place (``fedtune export --merged``): loadable without peft or fedtune."""
-    if hasattr(model, "merge_and_unload"):
-        model = model.merge_and_unload()
-    if getattr(model.config, "quantization_config", None):
-        raise FedtuneError("a model.quantize run cannot be merged into a standalone model; export its adapter instead")
-    return model
+    place (``fedtune export --merged``): loadable without peft or fedtune. ``use.load_run``
+    loads a quantized run's base in full precision, so its adapter merges as QLoRA's do."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

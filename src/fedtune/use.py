@@ -13,7 +13,8 @@ import torch
 
 from . import models
 from .errors import FedtuneError
-from .rundir import ADAPTER, RunDir
+from . import config as configlib
+from .rundir import ADAPTER, CONFIG, RunDir
 
 
 def load_run(run_dir: str | Path):
@@ -21,7 +22,12 @@ def load_run(run_dir: str | Path):
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    rundir, cfg = RunDir.open(run_dir)
+    rundir = RunDir(run_dir)
+    if not (rundir.path / CONFIG).is_file():
+        raise FedtuneError(f"{rundir.path}: not a run directory (no {CONFIG})")
+    # Inference loads the base in full precision wherever the run trained: a GPU run with bf16
+    # or a 4-bit base (QLoRA) still answers, and merges, on a CPU.
+    cfg = configlib.build_config(file=rundir.path / CONFIG, overrides={"train.bf16": False, "model.quantize": ""})
     adapter = rundir.path / ADAPTER
     if not (adapter / "adapter_model.safetensors").is_file():
         raise FedtuneError(f"{rundir.path}: no trained adapter (the run has not finished; resume it with --resume)")
