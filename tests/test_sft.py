@@ -24,7 +24,7 @@ from fedtune.errors import FedtuneError
 from fedtune.frameworks.base import Context
 from fedtune.model_cut import CutModel
 from fedtune.sft_data import length_partition, load, read_file
-from fedtune.tasks.sft import IGNORE, SftTask, final_number, format_prompt, score
+from fedtune.tasks.sft import SftTask, final_number, format_prompt, score
 from fedtune.wire import Message, serialize
 
 GSM8K = Path(__file__).resolve().parents[1] / "../shared/data/gsm8k"
