@@ -53,6 +53,14 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="aggregate a sweep directory over seeds into figures and report.md")
     rp.add_argument("sweep_dir", help="directory holding run directories (searched recursively)")
     rp.add_argument("--out", help="where to write report.md and the figures (default: SWEEP_DIR)")
+    g = sub.add_parser("generate", help="answer prompts with a finished run's model, streaming tokens")
+    g.add_argument("run_dir", help="a finished run directory (sft or generate task)")
+    g.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
+    g.add_argument("--file", help="JSONL of prompts: a string, or an object with prompt/question/instruction/messages")
+    g.add_argument("--max-new-tokens", type=int, default=256)
+    e = sub.add_parser("export", help="write a run's model as a standalone Hugging Face model directory")
+    e.add_argument("run_dir", help="a finished run directory")
+    e.add_argument("--merged", required=True, metavar="OUT", help="directory for the model with the adapter merged in")
     return p
 
 
@@ -63,8 +71,9 @@ def preflight(cfg) -> None:
     from . import config as configlib
     from . import data as datalib
     from . import models
+    from .tasks import TASKS
 
-    datalib.load(cfg.data, cfg.fed.clients, cfg.seed)
+    TASKS.load(cfg.train.task).load_data(cfg)
     cfg.data.path = datalib.resolved_path(cfg.data)
     models.resolve(cfg.model.name)
     if cfg.framework == "split":
@@ -170,7 +179,24 @@ def cmd_report(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report}
+def cmd_generate(args) -> int:
+    from .use import generate, read_prompts
+
+    if (args.prompt is None) == (args.file is None):
+        raise FedtuneError("give a prompt or --file PROMPTS.jsonl (one of the two)")
+    convs = list(read_prompts(args.file)) if args.file else [[{"role": "user", "content": args.prompt}]]
+    generate(args.run_dir, convs, args.max_new_tokens)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .use import export
+
+    print(f"exported: {export(args.run_dir, args.merged)}")
+    return 0
+
+
+COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "generate": cmd_generate, "export": cmd_export}
 
 
 class Stopped(KeyboardInterrupt):

@@ -37,6 +37,11 @@ class DataConfig:
     max_labels: int = 0  # 0 = all labels; N keeps the N most frequent (fast tests)
     text_column: str = "text"
     label_column: str = "category"
+    # train.task=sft (sft_data.py): the prompt/response columns when their names are not recognised,
+    # and the label-like column that partition=dirichlet spreads over clients.
+    prompt_column: str = ""
+    response_column: str = ""
+    partition_column: str = ""
 
 
 @dataclass
@@ -50,6 +55,7 @@ class ModelConfig:
     lora_init: str = "gaussian"
     target_modules: list[str] = field(default_factory=list)  # empty = per-architecture default
     attn_implementation: str = "sdpa"
+    quantize: str = ""  # "", "4bit" or "8bit": a frozen bitsandbytes base under LoRA (QLoRA); CUDA only
 
 
 @dataclass
@@ -65,6 +71,8 @@ class TrainConfig:
     max_grad_norm: float = 0.0  # 0 = no clipping
     device: str = "auto"  # "auto", "cpu", "cuda"
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    bf16: bool = False  # bf16 autocast of the forward passes; CUDA only
 
 
 @dataclass
@@ -126,6 +134,19 @@ class FlowerConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Evaluation of train.task=sft (tasks/sft.py)."""
+
+    # "auto": final_number when every test response holds a '#### N' final answer (GSM8K), else
+    # rougeL; "final_number": exact match of the final number; "rougeL": ROUGE-L F1; "none": no
+    # generation (the metric is then the teacher-forced token accuracy).
+    metric: str = "auto"
+    samples: int = 0  # generated answers written per round to <run dir>/samples/round-NNN.jsonl
+    generate_size: int = 0  # test rows answered by generation for the metric; 0 = every test row
+    max_new_tokens: int = 256
+
+
+@dataclass
 class RunConfig:
     framework: str = "fedavg"  # frameworks.FRAMEWORKS: "fedavg", "kd" or "split"
     runtime: str = "inprocess"  # runtimes.RUNTIMES: "inprocess", "flower-sim" or "flower"
@@ -139,6 +160,7 @@ class RunConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # Presets are overrides on top of the dataclass defaults (which are the demo setting).
@@ -318,7 +340,7 @@ def validate(cfg: RunConfig) -> None:
     STRATEGIES.check("fed.strategy", cfg.fed.strategy)
     TASKS.check("train.task", cfg.train.task)
     _one_of("data.padding", cfg.data.padding, ("dynamic", "max_length"))
-    _one_of("data.partition", cfg.data.partition, ("iid", "dirichlet"))
+    _one_of("data.partition", cfg.data.partition, ("iid", "dirichlet", "length"))
     _one_of("train.optimizer", cfg.train.optimizer, ("adam", "adamw"))
     _one_of("kd.aggregation", cfg.kd.aggregation, ("mean", "weighted", "entropy"))
     _one_of("kd.logit_dtype", cfg.kd.logit_dtype, ("fp32", "fp16", "int8"))
@@ -350,6 +372,25 @@ def validate(cfg: RunConfig) -> None:
         raise FedtuneError(f"split.split_layer must be >= 0 (0 = auto); got {cfg.split.split_layer}")
     if cfg.split.samples_per_round < 0:
         raise FedtuneError("split.samples_per_round must be >= 0 (0 = the whole shard)")
+    _validate_sft_and_gpu(cfg)
+
+
+def _validate_sft_and_gpu(cfg: RunConfig) -> None:
+    _one_of("eval.metric", cfg.eval.metric, ("auto", "final_number", "rougeL", "none"))
+    _one_of("model.quantize", cfg.model.quantize, ("", "4bit", "8bit"))
+    if cfg.data.partition == "length" and cfg.train.task != "sft":
+        raise FedtuneError(f"data.partition=length needs train.task=sft; got train.task={cfg.train.task!r}")
+    for key in ("eval.samples", "eval.generate_size"):
+        if getattr(cfg.eval, key.split(".")[1]) < 0:
+            raise FedtuneError(f"{key} must be >= 0")
+    if cfg.eval.max_new_tokens < 1:
+        raise FedtuneError(f"eval.max_new_tokens must be >= 1; got {cfg.eval.max_new_tokens}")
+    wants = [k for k, on in (("train.bf16=true", cfg.train.bf16), (f"model.quantize={cfg.model.quantize}", cfg.model.quantize)) if on]
+    if wants and cfg.train.device != "cuda":
+        import torch  # only when asked: validation otherwise stays free of torch
+
+        if cfg.train.device != "auto" or not torch.cuda.is_available():
+            raise FedtuneError(f"{wants[0]} needs a CUDA GPU (none found, or train.device={cfg.train.device})")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

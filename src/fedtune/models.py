@@ -224,7 +224,7 @@ def load_base(cfg: ModelConfig, tok, num_labels: int, task: str = "classify") ->
     _quiet_transformers()
     auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
     kind, where = resolve(cfg.name)
-    kwargs = dict(attn_implementation=cfg.attn_implementation)
+    kwargs = dict(attn_implementation=cfg.attn_implementation, **quantization(cfg))
     if task == "classify":
         kwargs["num_labels"] = num_labels
     if kind == "tiny":
@@ -237,7 +237,39 @@ def load_base(cfg: ModelConfig, tok, num_labels: int, task: str = "classify") ->
         except OSError as exc:
             raise FedtuneError(f"{cfg.name}: cannot load model: {str(exc).splitlines()[0]}") from None
     model.config.pad_token_id = tok.pad_token_id
+    if cfg.quantize:
+        from peft import prepare_model_for_kbit_training
+
+        # Casts the norms to fp32 and lets the gradient reach LoRA through the frozen int weights.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+def quantization(cfg: ModelConfig) -> dict:
+    """from_pretrained arguments for a bitsandbytes 4-bit (NF4, bf16 compute) or 8-bit frozen
+    base on the first GPU (QLoRA); config.validate refuses it without CUDA."""
+    if not cfg.quantize:
+        return {}
+    if resolve(cfg.name)[0] == "tiny":
+        raise FedtuneError(f"model.quantize={cfg.quantize} needs pre-trained weights; {cfg.name} is a random tiny model")
+    try:
+        from transformers import BitsAndBytesConfig
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise FedtuneError(f"model.quantize={cfg.quantize} needs the bitsandbytes package (pip install bitsandbytes)") from None
+    if cfg.quantize == "4bit":
+        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16)
+    else:
+        q = BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": q, "device_map": {"": 0}}
+
+
+def enable_gradient_checkpointing(model: nn.Module) -> None:
+    """Recompute each block's activations in backward (train.gradient_checkpointing). With a
+    frozen base the inputs need grad, or the checkpointed blocks would pass no gradient to LoRA."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    base.enable_input_require_grads()
 
 
 def default_targets(model_type: str) -> list[str]:
@@ -330,3 +362,10 @@ def save_adapter(model: nn.Module, out: Path, label_names: list[str], tokenizer=
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     (Path(out) / "labels.json").write_text(json.dumps(label_names, indent=0))
+
+
+def merged_model(model: nn.Module) -> nn.Module:
+    """The plain Hugging Face model with LoRA folded into its weights and the trained head in
+    place (``fedtune export --merged``): loadable without peft or fedtune. ``use.load_run``
+    loads a quantized run's base in full precision, so its adapter merges as QLoRA's do."""
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

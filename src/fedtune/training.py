@@ -32,6 +32,11 @@ def seeded(*parts):
         yield
 
 
+def autocast(cfg: TrainConfig, device: torch.device):
+    """bf16 autocast of forward passes (train.bf16, CUDA only: config.validate checks)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+
+
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None, head_lr: float | None = None):
     groups = param_groups(model, cfg.lr if lr is None else lr, cfg.head_lr if head_lr is None else head_lr, cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
@@ -57,7 +62,8 @@ def train_pass(
     total_loss, total_flops = 0.0, 0
     for i, batch in enumerate(batches):
         batch = batch.to(device)
-        loss = loss_fn(model, batch)
+        with autocast(cfg, device):
+            loss = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.max_grad_norm:

@@ -24,13 +24,13 @@ from torch import nn
 
 from .. import data as datalib
 from .. import models
-from ..tasks import make as make_task
+from ..tasks import TASKS, make as make_task
 from ..tasks.base import Task
 from ..config import RunConfig
 from .. import strategies
 from ..metering import FlopModel
 from ..wire import Message
-from ..training import StepFn, derive_seed, train_pass
+from ..training import StepFn, autocast, derive_seed, train_pass
 
 
 @dataclass
@@ -70,11 +70,14 @@ class Context:
     def build(cls, cfg: RunConfig) -> "Context":
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        fed = datalib.load(cfg.data, cfg.fed.clients, cfg.seed)
+        fed = TASKS.load(cfg.train.task).load_data(cfg)
         model, tok = models.build(cfg.model, fed.num_labels, cfg.seed, cfg.train.task)
         device = pick_device(cfg.train.device)
-        model.to(device)
-        task = make_task(cfg.train.task, tok, fed.label_names, cfg.data.max_length)
+        if not cfg.model.quantize:  # a quantized base is placed on the GPU as it loads
+            model.to(device)
+        if cfg.train.gradient_checkpointing:
+            models.enable_gradient_checkpointing(model)
+        task = make_task(cfg.train.task, tok, fed.label_names, cfg.data.max_length, cfg)
         ids = {"test": task.encode(fed.test), "public": task.encode(fed.public)}
         ids.update({f"client{c}": task.encode(s) for c, s in enumerate(fed.clients)})
         return cls(cfg, fed, model, tok, device, FlopModel.of(model), ids, task)
@@ -121,8 +124,14 @@ class Framework(ABC):
         self.global_state = self.strategy.aggregate(self.global_state, updates)
 
     def evaluate(self, rnd: int) -> dict[str, float]:
-        ev = self.ctx.task.evaluate(self.global_model(), self.ctx.test_batches(), self.ctx.device)
-        return {"test_accuracy": ev["accuracy"], "test_loss": ev["loss"]}
+        with autocast(self.cfg.train, self.ctx.device):
+            ev = dict(self.ctx.task.evaluate(self.global_model(), self.ctx.test_batches(), self.ctx.device))
+        if ev.get("samples") and self.cfg.out:  # generated answers for a person to read (sft)
+            from ..tasks.sft import write_samples
+
+            write_samples(self.cfg.out, rnd, ev["samples"])
+        ev.pop("samples", None)
+        return {f"test_{k}": v for k, v in ev.items()}
 
     def serve(self, rnd: int, cid: int, msg: Message) -> Message:
         raise NotImplementedError(f"{self.name} exchanges no messages inside a round")

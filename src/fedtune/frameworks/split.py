@@ -26,7 +26,7 @@ from ..data import Batch
 from ..errors import FedtuneError
 from ..wire import Message, serialize
 from ..model_cut import CutModel
-from ..training import make_optimizer, seeded
+from ..training import autocast, make_optimizer, seeded
 from .base import ClientResult, Context, Framework
 
 ACT, GRAD = "act.", "grad."
@@ -74,10 +74,11 @@ class SplitFramework(Framework):
         with self.server_lock, seeded(self.cfg.seed, "serve", rnd, cid, msg.meta["step"]):
             start = time.perf_counter()
             split.server.train()
-            out = split.server_forward(act, mask)
-            if split.causal_lm:  # final hidden states: the task applies the LM head at its positions
-                out = task.from_hidden(self.ctx.model, out, batch)
-            loss = F.cross_entropy(out, task.targets(batch))
+            with autocast(self.cfg.train, dev):
+                out = split.server_forward(act, mask)
+                if split.causal_lm:  # final hidden states: the task applies the LM head at its positions
+                    out = task.from_hidden(self.ctx.model, out, batch)
+            loss = F.cross_entropy(out.float(), task.targets(batch))
             self.server_opt.zero_grad(set_to_none=True)
             loss.backward()
             if self.cfg.train.max_grad_norm:
@@ -113,7 +114,8 @@ class SplitFramework(Framework):
             for batch in batches:
                 batch = batch.to(ctx.device)
                 split.client.train()
-                packed = split.client_forward(batch.input_ids, batch.attention_mask)  # c1
+                with autocast(train, ctx.device):
+                    packed = split.client_forward(batch.input_ids, batch.attention_mask)  # c1
                 up = self.encode_activations(packed.detach())
                 up.update(mask=batch.attention_mask.bool(), labels=batch.labels)
                 reply = link.exchange(Message(up, {"step": step}))  # c2 ... c4
@@ -121,7 +123,7 @@ class SplitFramework(Framework):
                 if f"{ACT}index" in up:
                     grad = torch.zeros_like(packed).scatter_(-1, up[f"{ACT}index"].long(), grad)
                 optimizer.zero_grad(set_to_none=True)
-                packed.backward(grad)  # c5
+                packed.backward(grad.to(packed.dtype))  # c5
                 if train.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(split.client.parameters(), train.max_grad_norm)
                 optimizer.step()

@@ -8,8 +8,11 @@ from ..registry import Registry
 TASKS = Registry("train.task", {
     "classify": "fedtune.tasks.classify:ClassifyTask",
     "generate": "fedtune.tasks.generate:GenerateTask",
-}, titles={"classify": "classification", "generate": "generation"})
+    "sft": "fedtune.tasks.sft:SftTask",
+}, titles={"classify": "classification", "generate": "generation", "sft": "instruction tuning"})
 
 
-def make(name: str, tokenizer, label_names: list[str], max_length: int):
-    return TASKS.load(name)(tokenizer, label_names, max_length)
+def make(name: str, tokenizer, label_names: list[str], max_length: int, run_cfg=None):
+    task = TASKS.load(name)(tokenizer, label_names, max_length)
+    task.run_cfg = run_cfg
+    return task

@@ -25,6 +25,14 @@ from ..metering import FlopModel
 
 class Task:
     name: str
+    run_cfg = None  # the run's RunConfig (tasks.make sets it): settings a task's evaluation reads
+
+    @classmethod
+    def load_data(cls, cfg):
+        """The run's rows (data.FedData); tasks with rows of their own kind override it."""
+        from ..data import load
+
+        return load(cfg.data, cfg.fed.clients, cfg.seed)
 
     def encode(self, rows: Rows) -> list[list[int]]:
         """Token ids of each example (truncated, unpadded)."""

@@ -1,0 +1,112 @@
+"""Using what a run trained: ``fedtune generate RUN_DIR "prompt"`` answers with the run's final
+adapter (streaming tokens), ``fedtune export RUN_DIR --merged OUT`` writes a standalone Hugging
+Face model directory with the adapter merged into the weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from . import models
+from .errors import FedtuneError
+from . import config as configlib
+from .rundir import ADAPTER, CONFIG, RunDir
+
+
+def load_run(run_dir: str | Path):
+    """-> (config, peft model with the run's final adapter, tokenizer, label names)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    rundir = RunDir(run_dir)
+    if not (rundir.path / CONFIG).is_file():
+        raise FedtuneError(f"{rundir.path}: not a run directory (no {CONFIG})")
+    # Inference loads the base in full precision wherever the run trained: a GPU run with bf16
+    # or a 4-bit base (QLoRA) still answers, and merges, on a CPU.
+    cfg = configlib.build_config(file=rundir.path / CONFIG, overrides={"train.bf16": False, "model.quantize": ""})
+    adapter = rundir.path / ADAPTER
+    if not (adapter / "adapter_model.safetensors").is_file():
+        raise FedtuneError(f"{rundir.path}: no trained adapter (the run has not finished; resume it with --resume)")
+    labels = json.loads((adapter / "labels.json").read_text())
+    # The same base as the run (a tiny random model is rebuilt from the run's seed), then the adapter.
+    model, tok = models.build(cfg.model, max(len(labels), 1), cfg.seed, cfg.train.task)
+    set_peft_model_state_dict(model, load_file(adapter / "adapter_model.safetensors"))
+    model.eval()
+    return cfg, model, tok, labels
+
+
+def read_prompts(path: str | Path) -> Iterator[list[dict]]:
+    """Conversations from a JSONL file: a JSON string per line, or an object with ``prompt``,
+    ``question``, ``instruction`` (+ ``input``) or ``messages`` (a trailing assistant turn is dropped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FedtuneError(f"{path}: file not found")
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise FedtuneError(f"{path}: line {n}: not JSON ({exc.msg})") from None
+        if isinstance(row, str):
+            yield [{"role": "user", "content": row}]
+        elif isinstance(row, dict) and isinstance(row.get("messages"), list):
+            turns = list(row["messages"])
+            yield turns[:-1] if turns and turns[-1].get("role") == "assistant" else turns
+        elif isinstance(row, dict) and any(row.get(k) for k in ("prompt", "question", "instruction")):
+            text = next(str(row[k]) for k in ("prompt", "question", "instruction") if row.get(k))
+            yield [{"role": "user", "content": text + (f"\n\n{row['input']}" if row.get("input") else "")}]
+        else:
+            raise FedtuneError(f"{path}: line {n}: expected a string or an object with prompt, question, instruction or messages")
+
+
+def generate(run_dir: str | Path, conversations: list[list[dict]], max_new_tokens: int = 256, stream=True) -> list[str]:
+    """Greedy answers of the run's model, streamed to stdout as they are written."""
+    from transformers import TextStreamer
+
+    from .tasks.generate import GenerateTask
+    from .tasks.sft import format_prompt
+
+    cfg, model, tok, _ = load_run(run_dir)
+    if cfg.train.task == "classify":
+        raise FedtuneError(f"{run_dir}: a classify run predicts labels, it does not generate; use fedtune export")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model.to(device)
+    answers = []
+    for i, turns in enumerate(conversations):
+        if stream and len(conversations) > 1:
+            print(f"{'' if i == 0 else chr(10)}### {i + 1}: {turns[-1]['content']}", flush=True)
+        if cfg.train.task == "sft":
+            ids = format_prompt(tok, turns)
+        else:  # generate: the intent-name prompt the run was trained on
+            ids = tok(GenerateTask.PROMPT.format(text=turns[-1]["content"]))["input_ids"]
+        streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
+                                 do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                                 streamer=streamer)
+        answers.append(tok.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+    return answers
+
+
+def export(run_dir: str | Path, out: str | Path) -> Path:
+    """A standalone model directory: ``AutoModelForCausalLM`` (sft, generate) or
+    ``AutoModelForSequenceClassification`` (classify, with the label names) loads it."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FedtuneError(f"{out}: already exists and is not empty")
+    cfg, model, tok, labels = load_run(run_dir)
+    merged = models.merged_model(model)
+    if cfg.train.task == "classify":
+        merged.config.id2label = dict(enumerate(labels))
+        merged.config.label2id = {n: i for i, n in enumerate(labels)}
+    tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed: nothing half-written
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    tmp.rename(out) if not out.exists() else (out.rmdir(), tmp.rename(out))
+    return out
