@@ -98,6 +98,17 @@ class SplitConfig:
 
 
 @dataclass
+class ZOConfig:
+    """Zeroth-order tuning with shared seeds (FedKSeed; docs/zo.md)."""
+
+    seeds: int = 4096  # K: candidate seeds shared by server and clients (the history is at most K pairs)
+    eps: float = 1e-3  # perturbation scale of the two-point estimate
+    lr: float = 1e-3  # step size: w -= lr * g * z
+    steps: int = 200  # zeroth-order steps per client per round (one batch each); 0 = one per batch for train.local_epochs
+    params: str = "tunable"  # "tunable" (LoRA + head) or "all" (every parameter)
+
+
+@dataclass
 class FlowerConfig:
     """The Flower runtimes (docs/flower.md)."""
 
@@ -119,7 +130,7 @@ class FlowerConfig:
 
 @dataclass
 class RunConfig:
-    framework: str = "fedavg"  # frameworks.FRAMEWORKS: "fedavg", "kd" or "split"
+    framework: str = "fedavg"  # frameworks.FRAMEWORKS: "fedavg", "kd", "split" or "zo"
     runtime: str = "inprocess"  # runtimes.RUNTIMES: "inprocess", "flower-sim" or "flower"
     seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [0])  # used by sweeps
@@ -131,6 +142,7 @@ class RunConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    zo: ZOConfig = field(default_factory=ZOConfig)
 
 
 # Presets are overrides on top of the dataclass defaults (which are the demo setting).
@@ -340,6 +352,22 @@ def validate(cfg: RunConfig) -> None:
         raise FedtuneError(f"split.act_topk must be in [0, 1) (0 = dense); got {cfg.split.act_topk}")
     if cfg.split.samples_per_round < 0:
         raise FedtuneError("split.samples_per_round must be >= 0 (0 = the whole shard)")
+    _validate_zo(cfg)
+
+
+def _validate_zo(cfg: RunConfig) -> None:
+    zo = cfg.zo
+    _one_of("zo.params", zo.params, ("tunable", "all"))
+    if not 1 <= zo.seeds <= 2**31 - 1:  # seed indices travel as int32
+        raise FedtuneError(f"zo.seeds must be in [1, 2**31 - 1]; got {zo.seeds}")
+    for key, value in (("zo.eps", zo.eps), ("zo.lr", zo.lr)):
+        if not value > 0 or value == float("inf"):
+            raise FedtuneError(f"{key} must be a finite number > 0; got {value}")
+    if zo.steps < 0:
+        raise FedtuneError(f"zo.steps must be >= 0 (0 = one step per batch); got {zo.steps}")
+    if cfg.framework == "zo" and cfg.fed.strategy != "fedavg":
+        raise FedtuneError(f"fed.strategy={cfg.fed.strategy!r} aggregates uploaded weights; zo uploads seed pairs "
+                           "and sums them weighted by samples: leave fed.strategy = fedavg")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
