@@ -72,6 +72,22 @@ def test_aggregated_pairs_rebuild_the_sample_weighted_mean_of_the_clients(tmp_pa
         assert torch.allclose(p.double(), mean, atol=1e-6, rtol=0)
 
 
+def test_malformed_uploads_are_rejected_and_the_rest_aggregated(tmp_path):
+    fw = ZOFramework(Context.build(tiny_config(tmp_path, framework="zo", zo__seeds=8)))
+    good = Message({"seed": torch.tensor([3, 3, 5], dtype=torch.int32), "grad": torch.tensor([1.0, 2.0, -1.0])})
+    bad = {
+        1: Message({"seed": torch.tensor([8], dtype=torch.int32), "grad": torch.tensor([1.0])}),
+        2: Message({"seed": torch.tensor([0], dtype=torch.int32), "grad": torch.tensor([float("nan")])}),
+        3: Message({"seed": torch.tensor([0, 1], dtype=torch.int32), "grad": torch.tensor([1.0])}),
+    }
+    results = {0: (good, {"num_samples": 10}), **{cid: (m, {"num_samples": 10}) for cid, m in bad.items()}}
+    record = fw.aggregate(1, results)
+    assert record["rejected"] == {"1": "seed indices outside [0, 8)", "2": "projected gradients hold NaN or inf",
+                                  "3": "the upload is not a list of (seed, grad) pairs"}
+    assert fw.pool.tolist() == [0, 0, 0, 3.0, 0, -1.0, 0, 0]  # the good client alone, weight 1
+    assert record["zo_seeds_used"] == 2
+
+
 def test_bytes_per_round_are_the_pairs_sent(tmp_path):
     steps = 12
     summary, rundir = run_tiny(tiny_config(tmp_path, framework="zo", zo__steps=steps))

@@ -155,12 +155,27 @@ class ZOFramework(Framework):
         index, grads = self.history()
         return Message({"seed": index, "grad": grads})
 
+    def check(self, msg: Message) -> str | None:
+        """Why an upload cannot enter the pool (None: it can). One bad pair would poison every
+        later model, since every client replays the whole history."""
+        seed, grad = msg.tensors.get("seed"), msg.tensors.get("grad")
+        if seed is None or grad is None or seed.dim() != 1 or seed.shape != grad.shape:
+            return "the upload is not a list of (seed, grad) pairs"
+        if len(seed) and (int(seed.min()) < 0 or int(seed.max()) >= len(self.candidates)):
+            return f"seed indices outside [0, {len(self.candidates)})"
+        if not torch.isfinite(grad).all():
+            return "projected gradients hold NaN or inf"
+        return None
+
     def aggregate(self, rnd, results):
-        total = sum(metrics["num_samples"] for _, metrics in results.values())
-        for msg, metrics in results.values():  # sampled order: the same sums on every runtime
+        rejected = {str(cid): why for cid, (msg, _) in results.items() if (why := self.check(msg))}
+        kept = [(msg, metrics) for cid, (msg, metrics) in results.items() if str(cid) not in rejected]
+        total = sum(metrics["num_samples"] for _, metrics in kept)
+        for msg, metrics in kept:  # sampled order: the same sums on every runtime
             weight = metrics["num_samples"] / total
             self.pool.index_add_(0, msg.tensors["seed"].long(), msg.tensors["grad"].double() * weight)
-        return {"zo_seeds_used": int(self.pool.count_nonzero()), "server_flops": self.build_global()}
+        record = {"rejected": rejected} if rejected else {}
+        return {**record, "zo_seeds_used": int(self.pool.count_nonzero()), "server_flops": self.build_global()}
 
     def build_global(self) -> int:
         """The server's own c1, once per round -> FLOPs."""
