@@ -22,7 +22,8 @@ from fedtune.runtimes import run
 from fedtune.runtimes.inprocess import InProcessGrid
 from fedtune.runtimes.rounds import run_rounds
 
-TIMING = {"client_seconds", "client_peak_mem_bytes", "server_seconds", "round_seconds", "server_train_seconds"}
+TIMING = {"client_seconds", "client_peak_mem_bytes", "server_seconds", "round_seconds", "server_train_seconds",
+          "client_replay_seconds"}
 ALL = list(FRAMEWORKS.names)
 
 
@@ -32,7 +33,7 @@ def strip(records):
 
 def config(path, framework, **kw):
     return tiny_config(path, framework=framework, kd__client_eval_size=50, data__test_size=100,
-                       split__split_layer=1, **kw)
+                       split__split_layer=1, zo__steps=10, **kw)
 
 
 class CountingGrid(InProcessGrid):

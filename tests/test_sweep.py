@@ -138,3 +138,12 @@ def test_sweep_resumes_an_interrupted_point_and_reports(tmp_path, monkeypatch):
     assert changed_keys(edited.points[0]) == ["fed.rounds"]
     with pytest.raises(FedtuneError, match="another config"):
         run_sweep(edited, live=False)
+
+
+def test_grid_option_runs_only_the_named_grids(tmp_path, capsys):
+    path = write_experiment(tmp_path, extra='\n[[grid]]\nname = "zo"\nset = { framework = "zo" }\n')
+    assert main(["sweep", str(path), "--dry-run", "--grid", "zo"]) == 0
+    listed = capsys.readouterr().out
+    assert "zo__seed0" in listed and "zo__seed1" in listed and "fedavg" not in listed and "2 points" in listed
+    assert main(["sweep", str(path), "--dry-run", "--grid", "nope"]) == 2
+    assert "no grid named nope; grids: fedavg, zo" in capsys.readouterr().err

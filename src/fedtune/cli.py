@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--fail-fast", action="store_true", help="stop at the first failing point")
     s.add_argument("--no-report", action="store_true", help="skip writing the report at the end")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.add_argument("--grid", action="append", default=[], metavar="NAME",
+                   help="run only this grid's points (repeatable): sweeps of different grids may run side by side")
     rp = sub.add_parser("report", help="aggregate a sweep directory over seeds into figures and report.md")
     rp.add_argument("sweep_dir", help="directory holding run directories (searched recursively)")
     rp.add_argument("--out", help="where to write report.md and the figures (default: SWEEP_DIR)")
@@ -152,6 +154,12 @@ def cmd_sweep(args) -> int:
 
     console = Console(stderr=True)
     exp = load(args.experiment, args.out)
+    if args.grid:
+        unknown = sorted(set(args.grid) - {p.grid for p in exp.points})
+        if unknown:
+            raise FedtuneError(f"{exp.path}: no grid named {', '.join(unknown)}; grids: "
+                               f"{', '.join(dict.fromkeys(p.grid for p in exp.points))}")
+        exp.points = [p for p in exp.points if p.grid in args.grid]
     if args.dry_run:
         for p in exp.points:
             state = "done" if (Path(p.cfg.out) / SUMMARY).is_file() else "started" if (Path(p.cfg.out) / CONFIG).is_file() else ""

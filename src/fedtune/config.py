@@ -114,6 +114,17 @@ def split_layer_for(split_layer: int, depth: int) -> int:
 
 
 @dataclass
+class ZOConfig:
+    """Zeroth-order tuning with shared seeds (FedKSeed; docs/zo.md)."""
+
+    seeds: int = 4096  # K: candidate seeds shared by server and clients (the history is at most K pairs)
+    eps: float = 1e-3  # perturbation scale of the two-point estimate
+    lr: float = 1e-3  # step size: w -= lr * g * z
+    steps: int = 200  # zeroth-order steps per client per round (one batch each); 0 = one per batch for train.local_epochs
+    params: str = "tunable"  # "tunable" (LoRA + head) or "all" (every parameter)
+
+
+@dataclass
 class FlowerConfig:
     """The Flower runtimes (docs/flower.md)."""
 
@@ -148,7 +159,7 @@ class EvalConfig:
 
 @dataclass
 class RunConfig:
-    framework: str = "fedavg"  # frameworks.FRAMEWORKS: "fedavg", "kd" or "split"
+    framework: str = "fedavg"  # frameworks.FRAMEWORKS: "fedavg", "kd", "split" or "zo"
     runtime: str = "inprocess"  # runtimes.RUNTIMES: "inprocess", "flower-sim" or "flower"
     seed: int = 0
     seeds: list[int] = field(default_factory=lambda: [0])  # used by sweeps
@@ -161,6 +172,7 @@ class RunConfig:
     split: SplitConfig = field(default_factory=SplitConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    zo: ZOConfig = field(default_factory=ZOConfig)
 
 
 # Presets are overrides on top of the dataclass defaults (which are the demo setting).
@@ -373,6 +385,7 @@ def validate(cfg: RunConfig) -> None:
     if cfg.split.samples_per_round < 0:
         raise FedtuneError("split.samples_per_round must be >= 0 (0 = the whole shard)")
     _validate_sft_and_gpu(cfg)
+    _validate_zo(cfg)
 
 
 def _validate_sft_and_gpu(cfg: RunConfig) -> None:
@@ -391,6 +404,21 @@ def _validate_sft_and_gpu(cfg: RunConfig) -> None:
 
         if cfg.train.device != "auto" or not torch.cuda.is_available():
             raise FedtuneError(f"{wants[0]} needs a CUDA GPU (none found, or train.device={cfg.train.device})")
+
+
+def _validate_zo(cfg: RunConfig) -> None:
+    zo = cfg.zo
+    _one_of("zo.params", zo.params, ("tunable", "all"))
+    if not 1 <= zo.seeds <= 2**31 - 1:  # seed indices travel as int32
+        raise FedtuneError(f"zo.seeds must be in [1, 2**31 - 1]; got {zo.seeds}")
+    for key, value in (("zo.eps", zo.eps), ("zo.lr", zo.lr)):
+        if not value > 0 or value == float("inf"):
+            raise FedtuneError(f"{key} must be a finite number > 0; got {value}")
+    if zo.steps < 0:
+        raise FedtuneError(f"zo.steps must be >= 0 (0 = one step per batch); got {zo.steps}")
+    if cfg.framework == "zo" and cfg.fed.strategy != "fedavg":
+        raise FedtuneError(f"fed.strategy={cfg.fed.strategy!r} aggregates uploaded weights; zo uploads seed pairs "
+                           "and sums them weighted by samples: leave fed.strategy = fedavg")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -10,7 +10,8 @@ FRAMEWORKS = Registry("framework", {
     "fedavg": "fedtune.frameworks.fedavg:FedAvgFramework",
     "kd": "fedtune.frameworks.kd:KDFramework",
     "split": "fedtune.frameworks.split:SplitFramework",
-}, titles={"fedavg": "FedLLM", "kd": "KD-FedLLM", "split": "Split-FedLLM"})
+    "zo": "fedtune.frameworks.zo:ZOFramework",
+}, titles={"fedavg": "FedLLM", "kd": "KD-FedLLM", "split": "Split-FedLLM", "zo": "FedKSeed"})
 
 
 def get(name: str):
