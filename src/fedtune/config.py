@@ -87,7 +87,7 @@ class KDConfig:
     logit_topk: int = 0  # 0 = send all logits
     logit_dtype: str = "fp32"  # fp32, fp16, int8
     client_kd_weight: float = 0.5  # lambda: client loss = lambda * KD (public) + (1 - lambda) * CE (private)
-    confidence_weighting: bool = True  # a public row teaches with weight 1 - H(teacher) / ln(width)
+    confidence_weighting: bool = False  # weight each public row by 1 - H(teacher) / ln(width) (docs/kd.md)
 
 
 @dataclass

@@ -16,16 +16,18 @@ are private batches; every step minimises
 
     (1 - lambda) * CE(private batch) + lambda * KD(public slice),   lambda = kd.client_kd_weight
 
-so an epoch sees every private row and every public row exactly once, and the teacher can never
-run the local model on its own: a separate distillation pass before local training (the paper's
+so an epoch sees every private row and every public row exactly once, and the teacher never
+trains the local model alone: a separate distillation pass before local training (the paper's
 order) pulled clients that had barely learned back to the server's near-uniform outputs, and
 they stopped learning on datasets with few rows per class. Without a teacher (round 1, or
 lambda = 0) a step is plain CE, as under fedavg.
 
-Confidence weighting (``kd.confidence_weighting``): a public row teaches with weight
-1 - H(p) / ln(width), where p is the teacher's distribution at temperature T: a uniform teacher
-teaches nothing and a one-hot teacher teaches fully. It applies to the client's teacher (the
-server's outputs) and to the server's teacher (the clients' merged outputs) alike.
+Confidence weighting (``kd.confidence_weighting``, off by default): a public row teaches with
+weight 1 - H(p) / ln(width), where p is the teacher's own prediction (its distribution at T = 1),
+so a uniform teacher teaches nothing and a one-hot teacher teaches fully; on the client's
+teacher (the server's outputs) and on the server's (the clients' merged outputs) alike. It is
+off by default because it cost accuracy in every setting measured (docs/kd.md): the mixed pass
+alone keeps the clients learning, and down-weighting an unsure but right teacher slows them.
 
 A "row" is one example under classify and one answer token under generate (tasks.py), so
 the payload is rows x labels or rows x vocabulary. Dense payloads carry logits (quantized);
@@ -171,8 +173,12 @@ class KDFramework(Framework):
         return decode_outputs(tensors, self.cfg.kd, self.rows, self.width)
 
     def weights(self, teacher: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-        """Each public row's distillation weight: kept or not, times the teacher's confidence."""
-        return keep.float() * (confidence(teacher) if self.cfg.kd.confidence_weighting else 1.0)
+        """Each public row's distillation weight: kept or not, times the teacher's confidence in
+        its own prediction (at T = 1: softmax(z / T)^T is proportional to softmax(z))."""
+        if not self.cfg.kd.confidence_weighting:
+            return keep.float()
+        own = teacher.double() ** self.cfg.kd.temperature
+        return keep.float() * confidence(own / own.sum(-1, keepdim=True))
 
     def rows_of(self, examples: torch.Tensor) -> torch.Tensor:
         starts, counts = self.row_start[examples], self.row_count[examples]
