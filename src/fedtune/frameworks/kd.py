@@ -280,7 +280,8 @@ class KDFramework(Framework):
         lam = cfg.kd.client_kd_weight
         weight = self.weights(teacher, torch.ones(self.rows, dtype=torch.bool)) if teacher is not None else None
         every = torch.arange(len(ctx.data.public))
-        flops, parts = {"train": 0, "kd": 0}, {}
+        flops = {"train": 0, "kd": 0}
+        parts: dict[str, list[float]] = {}  # this epoch's CE and KD terms
 
         def loss_fn(model, step: Step):
             ce = ctx.task.loss(model, step.private)
@@ -301,7 +302,7 @@ class KDFramework(Framework):
             return f_train + f_kd
 
         for epoch in range(cfg.train.local_epochs):
-            parts = {"ce": [], "kd": []}  # the metrics are the last epoch's, as under fedavg
+            parts.update(ce=[], kd=[])  # the metrics are the last epoch's, as under fedavg
             train_pass(ctx.model, self.client_steps(rnd, cid, epoch, teacher is not None), cfg.train, ctx.device,
                        ctx.flops, loss_fn, on_step=ctx.on_step, flop_fn=flop_fn)
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
