@@ -3,7 +3,7 @@ top-k in {all, 16, 4} x dtype in {fp32, fp16, int8}, plus the payload of classif
 generation under kd and fedavg. Writes benchmarks/kd_compression.md (rewritten after every run,
 so an interrupted benchmark keeps what it measured).
 
-    python benchmarks/kd_compression.py                 # tiny GPT-2, 20 intents (~10 min, 2 cores)
+    python benchmarks/kd_compression.py                 # tiny GPT-2, 20 intents (~10 min on an idle 2-core machine)
     python benchmarks/kd_compression.py --payload-only  # the classify/generate payload table only
 
 Payload sizes depend only on tensor shapes, so the classify-vs-generate table serializes
@@ -33,7 +33,7 @@ OUT = Path(__file__).with_suffix(".md")
 SETTING = {
     "model.name": "tiny-gpt2", "data.max_labels": 20, "data.private_size": 600, "data.public_size": 200,
     "data.test_size": 300, "fed.clients": 3, "fed.rounds": 3, "train.local_epochs": 2,
-    "kd.client_eval_size": 0, "train.threads": 2,
+    "kd.client_eval_size": 0, "train.threads": 1,
 }
 MB = 1e6
 

@@ -91,10 +91,11 @@ class KDConfig:
     entropy_threshold: float = 0.0  # with "entropy": drop public samples above this (nats)
     server_epochs: int = 1
     server_lr: float = 1e-3
-    client_kd_epochs: int = 1
     client_eval_size: int = 200  # clients' own test accuracy on this many test rows
     logit_topk: int = 0  # 0 = send all logits
     logit_dtype: str = "fp32"  # fp32, fp16, int8
+    client_kd_weight: float = 0.5  # lambda: client loss = lambda * KD (public) + (1 - lambda) * CE (private)
+    confidence_weighting: bool = False  # weight each public row by 1 - H(teacher) / ln(width) (docs/kd.md)
 
 
 @dataclass
@@ -369,8 +370,10 @@ def validate(cfg: RunConfig) -> None:
     for key, value in positive.items():
         if value < 1:
             raise FedtuneError(f"{key} must be >= 1; got {value}")
-    if cfg.kd.temperature <= 0 or cfg.kd.logit_topk < 0 or cfg.kd.server_epochs < 0 or cfg.kd.client_kd_epochs < 0:
-        raise FedtuneError("kd.temperature must be > 0; kd.logit_topk, kd.server_epochs, kd.client_kd_epochs >= 0")
+    if cfg.kd.temperature <= 0 or cfg.kd.logit_topk < 0 or cfg.kd.server_epochs < 0:
+        raise FedtuneError("kd.temperature must be > 0; kd.logit_topk, kd.server_epochs >= 0")
+    if not 0.0 <= cfg.kd.client_kd_weight < 1.0:
+        raise FedtuneError(f"kd.client_kd_weight must be in [0, 1) (0 = clients do not distil); got {cfg.kd.client_kd_weight}")
     if cfg.kd.aggregation == "entropy" and cfg.kd.entropy_threshold <= 0:
         raise FedtuneError("kd.aggregation=entropy needs kd.entropy_threshold > 0 (nats; ln(labels) keeps everything)")
     if not 0.0 < cfg.fed.fraction <= 1.0:

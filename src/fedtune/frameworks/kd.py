@@ -2,13 +2,32 @@
 (paper steps b1-b8). One exchange per round:
 
   down  the server's outputs on the public set from the previous round (nothing in round 1)
-  b8    the client distils them into its own local model (kept across rounds as its state)
-  b1    local fine-tuning on its private rows
+  b8+b1 the client trains its own local model (kept across rounds as its state) on its private
+        rows and, from round 2, distils the server's outputs in the same pass (below)
   b2-b3 outputs on the public set, compressed, uploaded
   b4    server: check each upload, turn them into one distribution per public row (mean,
         weighted by client samples, or mean with entropy filtering)
   b5    server: distil that into the global model (KL at temperature T)
   b6-b7 server: the global model's outputs on the public set, sent next round
+
+The client's schedule (b8 with b1). Each local epoch is ONE pass that walks the private rows in
+batches of ``train.batch_size`` and the public rows, shuffled, in as many equal slices as there
+are private batches; every step minimises
+
+    (1 - lambda) * CE(private batch) + lambda * KD(public slice),   lambda = kd.client_kd_weight
+
+so an epoch sees every private row and every public row exactly once, and the teacher never
+trains the local model alone: a separate distillation pass before local training (the paper's
+order) pulled clients that had barely learned back to the server's near-uniform outputs, and
+they stopped learning on datasets with few rows per class. Without a teacher (round 1, or
+lambda = 0) a step is plain CE, as under fedavg.
+
+Confidence weighting (``kd.confidence_weighting``, off by default): a public row teaches with
+weight 1 - H(p) / ln(width), where p is the teacher's own prediction (its distribution at T = 1),
+so a uniform teacher teaches nothing and a one-hot teacher teaches fully; on the client's
+teacher (the server's outputs) and on the server's (the clients' merged outputs) alike. It is
+off by default because it cost accuracy in every setting measured (docs/kd.md): the mixed pass
+alone keeps the clients learning, and down-weighting an unsure but right teacher slows them.
 
 A "row" is one example under classify and one answer token under generate (tasks.py), so
 the payload is rows x labels or rows x vocabulary. Dense payloads carry logits (quantized);
@@ -18,11 +37,15 @@ the remaining mass over the other entries (compression.topk_decode_distribution)
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import dataclass
+from itertools import zip_longest
 
 import torch
 import torch.nn.functional as F
 
 from .. import data as datalib
+from ..data import Batch
 from .. import models
 from ..compression import dequantize, quantize, topk_decode_distribution, topk_encode
 from ..config import KDConfig
@@ -39,18 +62,26 @@ log = logging.getLogger(__name__)
 
 def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperature: float,
             weight: torch.Tensor | None = None) -> torch.Tensor:
-    """T^2 * KL(teacher || softmax(student / T)), averaged over rows (weighted when given).
-    The T^2 keeps the gradient's scale independent of T (Hinton et al., 2015)."""
+    """T^2 * KL(teacher || softmax(student / T)), averaged over rows. With ``weight``, row i
+    counts w_i * KL_i and the mean is over the rows with w_i > 0: a dropped row (0) is left out,
+    and a row of weight 0.2 teaches a fifth of a full one, so low weights everywhere mean a
+    small loss, not a renormalised one. The T^2 keeps the gradient's scale independent of T
+    (Hinton et al., 2015)."""
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
     kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_q).sum(-1)
     if weight is None:
         return temperature**2 * kl.mean()
-    return temperature**2 * (kl * weight).sum() / weight.sum().clamp_min(1.0)
+    return temperature**2 * (kl * weight).sum() / (weight > 0).sum().clamp_min(1)
 
 
 def entropy(probs: torch.Tensor) -> torch.Tensor:
     """Shannon entropy of each row, in nats."""
     return -torch.xlogy(probs, probs).sum(-1)
+
+
+def confidence(probs: torch.Tensor) -> torch.Tensor:
+    """1 - H(p) / ln(width) per row: 0 for a uniform distribution, 1 for a one-hot one."""
+    return (1 - entropy(probs.double()) / math.log(probs.shape[-1])).clamp(0, 1).float()
 
 
 def refine(probs: list[torch.Tensor], weights: list[float], cfg: KDConfig) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,6 +131,17 @@ def decode_outputs(t: dict[str, torch.Tensor], cfg: KDConfig, rows: int, width: 
 # --------------------------------------------------------------------------- the framework
 
 
+@dataclass
+class Step:
+    """One step of a client's pass: a private batch and, when distilling, a slice of public rows."""
+
+    private: Batch
+    public: Batch | None = None
+
+    def to(self, device) -> "Step":
+        return Step(self.private.to(device), None if self.public is None else self.public.to(device))
+
+
 class KDFramework(Framework):
     name = "kd"
 
@@ -130,10 +172,25 @@ class KDFramework(Framework):
     def decode(self, tensors):
         return decode_outputs(tensors, self.cfg.kd, self.rows, self.width)
 
+    def weights(self, teacher: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """Each public row's distillation weight: kept or not, times the teacher's confidence in
+        its own prediction (at T = 1: softmax(z / T)^T is proportional to softmax(z))."""
+        if not self.cfg.kd.confidence_weighting:
+            return keep.float()
+        own = teacher.double() ** self.cfg.kd.temperature
+        return keep.float() * confidence(own / own.sum(-1, keepdim=True))
+
     def rows_of(self, examples: torch.Tensor) -> torch.Tensor:
         starts, counts = self.row_start[examples], self.row_count[examples]
         offset = torch.arange(int(counts.sum())) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
         return torch.repeat_interleave(starts, counts) + offset
+
+    def public_kd_loss(self, model, batch: Batch, examples: torch.Tensor, teacher: torch.Tensor,
+                       weight: torch.Tensor) -> torch.Tensor:
+        """KD loss of a batch of public examples; ``examples`` maps the batch's index to public examples."""
+        rows = self.rows_of(examples[batch.index.cpu()])
+        out = self.ctx.task.outputs(model, batch)
+        return kd_loss(out, teacher[rows].to(out.device), self.cfg.kd.temperature, weight[rows].to(out.device))
 
     @torch.no_grad()
     def public_outputs(self) -> tuple[torch.Tensor, int]:
@@ -145,30 +202,25 @@ class KDFramework(Framework):
             flops += ctx.task.flops(ctx.flops, batch, train=False)
         return torch.cat(out), flops
 
-    def distil(self, teacher: torch.Tensor, keep: torch.Tensor, epochs: int, lr: float, head_lr: float,
+    def distil(self, teacher: torch.Tensor, weight: torch.Tensor, epochs: int, lr: float, head_lr: float,
                *seed) -> tuple[float, int]:
-        """b5 / b8: fit the current model to ``teacher`` on the public examples with a kept row."""
+        """b5: fit the current model to ``teacher`` on the public examples with a row of weight > 0."""
         ctx, cfg = self.ctx, self.cfg
         example_of_row = torch.repeat_interleave(torch.arange(len(self.row_count)), self.row_count)
-        kept_rows = torch.zeros(len(self.row_count)).index_add_(0, example_of_row, keep.float())
+        kept_rows = torch.zeros(len(self.row_count)).index_add_(0, example_of_row, (weight > 0).float())
         kept_examples = kept_rows.nonzero().flatten().tolist()
         if not kept_examples or not epochs:
             return 0.0, 0
         ids = [ctx.ids["public"][i] for i in kept_examples]
         labels = [ctx.data.public.labels[i] for i in kept_examples]
         back = torch.tensor(kept_examples)
-
-        def loss_fn(model, batch):
-            rows = self.rows_of(back[batch.index.cpu()])
-            out = ctx.task.outputs(model, batch)
-            return kd_loss(out, teacher[rows].to(out.device), cfg.kd.temperature, keep[rows].float().to(out.device))
-
         optimizer = make_optimizer(ctx.model, cfg.train, lr, head_lr)
         loss, flops = 0.0, 0
         for epoch in range(epochs):
             batches = datalib.batches(ids, labels, cfg.train.batch_size, ctx.tokenizer.pad_token_id, cfg.data.padding,
                                       cfg.data.max_length, derive_seed(cfg.seed, *seed, epoch))
-            loss, f = train_pass(ctx.model, batches, cfg.train, ctx.device, ctx.flops, loss_fn, optimizer,
+            loss, f = train_pass(ctx.model, batches, cfg.train, ctx.device, ctx.flops,
+                                 lambda m, b: self.public_kd_loss(m, b, back, teacher, weight), optimizer,
                                  ctx.on_step, lambda b: ctx.task.flops(ctx.flops, b, True))
             flops += f
         return loss, flops
@@ -193,37 +245,93 @@ class KDFramework(Framework):
         if not probs:  # nothing usable: the global model and its knowledge stay as they were
             return {**record, "kd_rows_kept": 0}
         teacher, keep = refine(probs, weights, cfg.kd)
+        weight = self.weights(teacher, keep)
         models.set_tunable(ctx.model, self.global_state)
         head_lr = cfg.kd.server_lr * cfg.train.head_lr / cfg.train.lr  # the head keeps its faster rate
         with seeded(cfg.seed, "server-kd", rnd):  # b5
-            loss, distil_flops = self.distil(teacher, keep, cfg.kd.server_epochs, cfg.kd.server_lr, head_lr,
+            loss, distil_flops = self.distil(teacher, weight, cfg.kd.server_epochs, cfg.kd.server_lr, head_lr,
                                              "server-kd", rnd)
         self.global_state = models.get_tunable(ctx.model)
-        outputs, out_flops = self.public_outputs()  # b6
-        self.knowledge = encode_outputs(outputs, cfg.kd)
+        out_flops = 0
+        if cfg.kd.client_kd_weight:  # b6, only when the clients distil what it sends
+            outputs, out_flops = self.public_outputs()
+            self.knowledge = encode_outputs(outputs, cfg.kd)
         return {**record, "server_kd_loss": loss, "kd_rows": self.rows, "kd_rows_kept": int(keep.sum()),
+                "server_kd_confidence": float(weight[keep].mean()) if keep.any() else 0.0,
                 "server_flops": distil_flops + out_flops}
 
     # ---- client side
+    def client_steps(self, rnd: int, cid: int, epoch: int, distilling: bool) -> list[Step]:
+        """One epoch: the private batches, each paired (when distilling) with an equal slice of
+        the shuffled public examples, so the pass covers both sets once."""
+        ctx = self.ctx
+        private = ctx.client_batches(rnd, cid, epoch)
+        if not distilling:
+            return [Step(b) for b in private]
+        size = -(-len(ctx.data.public) // max(len(private), 1))  # ceil: at most one slice per private batch
+        public = ctx.batches("public", ctx.data.public.labels, size,
+                             derive_seed(self.cfg.seed, "client-kd", rnd, cid, epoch))
+        return [Step(b, pb) for b, pb in zip_longest(private, public)]
+
+    def client_train(self, rnd: int, cid: int, teacher: torch.Tensor | None) -> dict:
+        """b8 + b1: ``train.local_epochs`` mixed passes -> the last epoch's mean CE and KD, and
+        the FLOPs of the private and the public rows' forward and backward passes."""
+        ctx, cfg = self.ctx, self.cfg
+        lam = cfg.kd.client_kd_weight
+        weight = self.weights(teacher, torch.ones(self.rows, dtype=torch.bool)) if teacher is not None else None
+        every = torch.arange(len(ctx.data.public))
+        flops = {"train": 0, "kd": 0}
+        parts: dict[str, list[float]] = {}  # this epoch's CE and KD terms
+
+        def loss_fn(model, step: Step):
+            ce = ctx.task.loss(model, step.private)
+            parts["ce"].append(ce.item())
+            if teacher is None:
+                return ce
+            if step.public is None:
+                return (1 - lam) * ce
+            kd = self.public_kd_loss(model, step.public, every, teacher, weight)
+            parts["kd"].append(kd.item())
+            return (1 - lam) * ce + lam * kd
+
+        def flop_fn(step: Step) -> int:
+            f_train = ctx.task.flops(ctx.flops, step.private, True)
+            f_kd = ctx.task.flops(ctx.flops, step.public, True) if step.public is not None else 0
+            flops["train"] += f_train
+            flops["kd"] += f_kd
+            return f_train + f_kd
+
+        for epoch in range(cfg.train.local_epochs):
+            parts.update(ce=[], kd=[])  # the metrics are the last epoch's, as under fedavg
+            train_pass(ctx.model, self.client_steps(rnd, cid, epoch, teacher is not None), cfg.train, ctx.device,
+                       ctx.flops, loss_fn, on_step=ctx.on_step, flop_fn=flop_fn)
+        mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+        out = {"train_loss": mean(parts["ce"]),
+               "client_flops_train": flops["train"], "client_flops_kd": flops["kd"]}
+        if teacher is not None:
+            out["client_kd_loss"] = mean(parts["kd"])
+            out["client_kd_confidence"] = float(weight.mean())
+        return out
+
+    def client_accuracy(self) -> float:
+        """The client's own model on the first ``kd.client_eval_size`` test rows (not protocol compute)."""
+        ctx = self.ctx
+        return ctx.task.evaluate(ctx.model, ctx.test_batches(limit=self.cfg.kd.client_eval_size), ctx.device)["accuracy"]
+
     def fit(self, rnd, cid, msg, state, link):
         ctx, cfg = self.ctx, self.cfg
         models.set_tunable(ctx.model, state["tunable"] if state else self.init_state)
+        teacher = self.decode(msg.tensors) if msg.tensors and cfg.kd.client_kd_weight else None
         metrics: dict = {}
-        kd_flops = 0
-        if msg.tensors:  # b8: align the local model with the global knowledge
-            teacher = self.decode(msg.tensors)
-            keep = torch.ones(self.rows, dtype=torch.bool)
-            metrics["client_kd_loss"], kd_flops = self.distil(
-                teacher, keep, cfg.kd.client_kd_epochs, cfg.train.lr, cfg.train.head_lr, "client-kd", rnd, cid)
-        loss, train_flops = self.local_train(rnd, cid)  # b1
+        if teacher is not None and cfg.kd.client_eval_size:  # so a teacher that hurts shows
+            metrics["client_test_accuracy_before"] = self.client_accuracy()
+        metrics.update(self.client_train(rnd, cid, teacher))  # b8 + b1
         outputs, public_flops = self.public_outputs()  # b2
-        if cfg.kd.client_eval_size:  # the client's own model, not counted as protocol compute
-            ev = ctx.task.evaluate(ctx.model, ctx.test_batches(limit=cfg.kd.client_eval_size), ctx.device)
-            metrics["client_test_accuracy"] = ev["accuracy"]
+        if cfg.kd.client_eval_size:
+            metrics["client_test_accuracy"] = self.client_accuracy()
         metrics.update(
-            train_loss=loss, num_samples=len(ctx.data.clients[cid]),
-            client_flops=train_flops + public_flops + kd_flops,
-            client_flops_train=train_flops, client_flops_public=public_flops, client_flops_kd=kd_flops,
+            num_samples=len(ctx.data.clients[cid]), client_flops_public=public_flops,
+            client_flops=metrics["client_flops_train"] + metrics["client_flops_kd"] + public_flops,
         )
         # b3: upload the compressed outputs; keep the local model for the next round
         return ClientResult(Message(encode_outputs(outputs, cfg.kd)), {"tunable": models.get_tunable(ctx.model)}, metrics)
