@@ -272,3 +272,21 @@ def test_bad_strategy_settings_are_one_line_errors(overrides, match):
     with pytest.raises(FedtuneError, match=match) as err:
         configlib.build_config("demo", None, overrides)
     assert "\n" not in str(err.value)
+
+
+def test_report_labels_strategies_and_draws_accuracy_against_traffic(tmp_path):
+    from fedtune.sweep_report import aggregate, load_runs, write_report
+    from test_report import make_run
+
+    runs = [({"fed.strategy": "fedavg"}, 0.5, 0.8), ({"fed.strategy": "fedavg", "fed.prox_mu": 0.1}, 0.5, 0.8),
+            ({"fed.strategy": "fedadam", "fed.server_lr": 0.03}, 0.5, 0.8), ({"fed.strategy": "scaffold"}, 1.0, 0.9)]
+    for values, mb, acc in runs:
+        for seed in (0, 1):
+            make_run(tmp_path, "fedavg", "classify", values, seed, [0.1, acc], mb, 2.0)
+    labels = [s.label for s in aggregate(load_runs(tmp_path))]
+    # Keys at their default are left out of a label, except the first swept key.
+    assert sorted(labels) == ["strategy=fedadam, server_lr=0.03", "strategy=fedavg", "strategy=fedavg, prox_mu=0.1",
+                              "strategy=scaffold"]
+    write_report(tmp_path)
+    assert (tmp_path / "accuracy_vs_traffic.png").stat().st_size > 10_000
+    assert "accuracy_vs_traffic.png" in (tmp_path / "report.md").read_text()
