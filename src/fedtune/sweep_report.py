@@ -369,11 +369,15 @@ def plot_accuracy_traffic(settings: list[Setting], path: Path) -> bool:
     if len(points) < 2:
         return False
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    placed: list[tuple[float, float]] = []
     for s in points:
         (x, dx), (y, dy) = s.stats["mb"], s.stats["final_acc"]
         ax.errorbar(x, 100 * y, xerr=dx, yerr=100 * dy, fmt="o", capsize=3, color=COLORS.get(s.framework, "gray"))
+        # Settings that land on (nearly) the same point get their labels stacked, not overprinted.
+        near = sum(abs(px - x) <= 0.02 * max(x, 1e-9) and abs(py - 100 * y) < 1.5 for px, py in placed)
+        placed.append((x, 100 * y))
         ax.annotate(s.label if s.values else s.framework, (x, 100 * y), textcoords="offset points",
-                    xytext=(6, 4), fontsize=7)
+                    xytext=(6, 4 - 10 * near), fontsize=7)
     xs = [s.stats["mb"][0] for s in points]
     if min(xs) > 0 and max(xs) / min(xs) > 10:
         ax.set_xscale("log")
