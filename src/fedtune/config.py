@@ -82,6 +82,15 @@ class FedConfig:
     fraction: float = 1.0  # fraction of clients sampled each round
     strategy: str = "fedavg"  # strategies.STRATEGIES: how the server aggregates tunable parameters
     client_timeout_s: float = 0.0  # used by distributed runtimes; 0 = wait forever
+    # FedProx: clients minimise loss + prox_mu/2 ||w - w_global||^2 over the tunable parameters.
+    prox_mu: float = 0.0
+    # Server optimizers on the pseudo-gradient (docs/strategies.md): fedavgm, fedadam, fedyogi,
+    # fedadagrad, and SCAFFOLD's global step size. fedavg ignores them.
+    server_lr: float = 1.0  # adaptive strategies want ~1e-2..1e-1 (Reddi et al., 2021)
+    server_momentum: float = 0.9  # fedavgm
+    beta1: float = 0.9  # fedadam, fedyogi, fedadagrad (first moment)
+    beta2: float = 0.99  # fedadam, fedyogi (second moment)
+    tau: float = 1e-3  # fedadam, fedyogi, fedadagrad: adaptivity (added to sqrt(v))
 
 
 @dataclass
@@ -389,6 +398,7 @@ def validate(cfg: RunConfig) -> None:
         raise FedtuneError("split.samples_per_round must be >= 0 (0 = the whole shard)")
     _validate_sft_and_gpu(cfg)
     _validate_zo(cfg)
+    _validate_strategy(cfg)
 
 
 def _validate_sft_and_gpu(cfg: RunConfig) -> None:
@@ -422,6 +432,22 @@ def _validate_zo(cfg: RunConfig) -> None:
     if cfg.framework == "zo" and cfg.fed.strategy != "fedavg":
         raise FedtuneError(f"fed.strategy={cfg.fed.strategy!r} aggregates uploaded weights; zo uploads seed pairs "
                            "and sums them weighted by samples: leave fed.strategy = fedavg")
+
+
+def _validate_strategy(cfg: RunConfig) -> None:
+    f = cfg.fed
+    if f.prox_mu < 0:
+        raise FedtuneError(f"fed.prox_mu must be >= 0 (0 = no proximal term); got {f.prox_mu}")
+    if f.server_lr <= 0:
+        raise FedtuneError(f"fed.server_lr must be > 0; got {f.server_lr}")
+    for key in ("server_momentum", "beta1", "beta2"):
+        if not 0.0 <= getattr(f, key) < 1.0:
+            raise FedtuneError(f"fed.{key} must be in [0, 1); got {getattr(f, key)}")
+    if f.tau <= 0:
+        raise FedtuneError(f"fed.tau must be > 0; got {f.tau}")
+    if cfg.framework == "kd" and (f.strategy != "fedavg" or f.prox_mu):
+        raise FedtuneError(f"fed.strategy={f.strategy} and fed.prox_mu act on uploaded tunable parameters, "
+                           "which kd does not send; use framework fedavg or split")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

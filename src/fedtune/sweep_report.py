@@ -33,6 +33,7 @@ AXIS = {"model.lora_r": "LoRA rank r", "data.public_size": "public set size (sam
         "split.samples_per_round": "training samples per client per round"}
 SHORT = {"model.lora_r": "r", "data.public_size": "PD", "split.samples_per_round": "TS"}
 NOT_SWEPT = NOT_IDENTITY | {"seed"}
+DEFAULTS = configlib.flat_dict(configlib.RunConfig())
 
 # Per-run figures, from the run's summary.json.
 METRICS_OF_RUN = {
@@ -104,7 +105,11 @@ class Setting:
 
     @property
     def label(self) -> str:
-        return ", ".join(f"{SHORT.get(k, k.split('.')[-1])}={v}" for k, v in self.values.items()) or "default"
+        # With several swept keys, those at their default say nothing (prox_mu=0.0 beside
+        # strategy=fedadam): only the first swept key is always shown.
+        shown = [(k, v) for i, (k, v) in enumerate(self.values.items())
+                 if i == 0 or len(self.values) == 1 or v != DEFAULTS.get(k)]
+        return ", ".join(f"{SHORT.get(k, k.split('.')[-1])}={v}" for k, v in shown) or "default"
 
     def curve(self) -> list[tuple[int, float, float]]:
         """(round, mean, std) of the test accuracy over seeds."""
@@ -328,7 +333,9 @@ def plot_curves(settings: list[Setting], path: Path) -> bool:
     groups = _by_framework(settings)
     if not groups:
         return False
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.6), sharey=True, squeeze=False)
+    wide = max(len(g) for g in groups.values()) > 4  # legends beside the panels
+    fig, axes = plt.subplots(1, len(groups), figsize=((7.5 if wide else 4.2) * len(groups), 3.6 + 0.6 * wide),
+                             sharey=True, squeeze=False)
     for ax, (fw, group) in zip(axes[0], groups.items()):
         for s in group:
             curve = s.curve()
@@ -341,7 +348,8 @@ def plot_curves(settings: list[Setting], path: Path) -> bool:
         ax.set_title(TITLES.get(fw, fw))
         ax.set_xlabel("round")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.legend(fontsize=8, title=_axis_label(group) if len(group) > 1 else None, title_fontsize=8)
+        outside = dict(loc="upper left", bbox_to_anchor=(1.02, 1)) if len(group) > 4 else {}  # keep the curves visible
+        ax.legend(fontsize=8, title=_axis_label(group) if len(group) > 1 else None, title_fontsize=8, **outside)
     axes[0][0].set_ylabel("test accuracy (%)")
     fig.suptitle("Test accuracy per round (mean ± std over seeds)", fontsize=11)
     fig.tight_layout()
@@ -350,9 +358,49 @@ def plot_curves(settings: list[Setting], path: Path) -> bool:
     return True
 
 
+def plot_accuracy_traffic(settings: list[Setting], path: Path) -> bool:
+    """Final accuracy against traffic (MB per client per round, up + down), one point per
+    setting with mean ± std over seeds on both axes and its swept values as the label: what
+    each setting's accuracy costs on the wire, whatever key was varied."""
+    plt = _plt()
+    from matplotlib.lines import Line2D
+
+    points = [s for s in settings if s.task == "classify" and "final_acc" in s.stats and "mb" in s.stats]
+    if len(points) < 2:
+        return False
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    placed: list[tuple[float, float]] = []
+    for s in points:
+        (x, dx), (y, dy) = s.stats["mb"], s.stats["final_acc"]
+        ax.errorbar(x, 100 * y, xerr=dx, yerr=100 * dy, fmt="o", capsize=3, color=COLORS.get(s.framework, "gray"))
+        # Settings that land on (nearly) the same point get their labels stacked, not overprinted.
+        near = sum(abs(px - x) <= 0.02 * max(x, 1e-9) and abs(py - 100 * y) < 1.5 for px, py in placed)
+        placed.append((x, 100 * y))
+        ax.annotate(s.label if s.values else s.framework, (x, 100 * y), textcoords="offset points",
+                    xytext=(6, 4 - 10 * near), fontsize=7)
+    xs = [s.stats["mb"][0] for s in points]
+    if min(xs) > 0 and max(xs) / min(xs) > 10:
+        ax.set_xscale("log")
+    else:
+        ax.set_xlim(0, max(xs) * 1.35)  # room for the labels; from zero so distances compare honestly
+    ax.set_xlabel("MB per client per round (up + down)")
+    ax.set_ylabel("final test accuracy (%)")
+    frameworks = [fw for fw in FRAMEWORKS if any(s.framework == fw for s in points)]
+    ax.legend(handles=[Line2D([], [], marker="o", ls="", color=COLORS[fw], label=TITLES[fw]) for fw in frameworks],
+              fontsize=8, loc="best")
+    counts = {len(s.runs) for s in points}
+    ax.set_title(f"Final test accuracy against traffic (mean ± std over {min(counts)}"
+                 f"{'' if len(counts) == 1 else f' to {max(counts)}'} seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
 # --------------------------------------------------------------------------- report.md
 
-FIGURES = {"fig3_accuracy.png": plot_accuracy, "fig4_costs.png": plot_costs, "accuracy_curves.png": plot_curves}
+FIGURES = {"fig3_accuracy.png": plot_accuracy, "fig4_costs.png": plot_costs, "accuracy_curves.png": plot_curves,
+           "accuracy_vs_traffic.png": plot_accuracy_traffic}
 
 
 def _md_table(header: list[str], rows: list[list[str]]) -> str:

@@ -53,9 +53,12 @@ def train_pass(
     optimizer=None,
     on_step: StepFn | None = None,
     flop_fn: Callable[[Batch], int] | None = None,
+    on_grad: Callable[[], None] | None = None,
 ) -> tuple[float, int]:
     """One pass over ``batches`` -> (mean loss, training FLOPs); ``flop_fn`` counts a batch
-    when the loss does not run the whole model on every token (e.g. tasks.GenerateTask)."""
+    when the loss does not run the whole model on every token (e.g. tasks.GenerateTask).
+    ``on_grad`` adjusts the gradients after each backward pass, before clipping and the step
+    (a strategy's LocalRule: FedProx's term, SCAFFOLD's correction)."""
     optimizer = optimizer or make_optimizer(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
@@ -66,6 +69,8 @@ def train_pass(
             loss = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if on_grad:
+            on_grad()
         if cfg.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()

@@ -28,6 +28,8 @@ from ..tasks import TASKS, make as make_task
 from ..tasks.base import Task
 from ..config import RunConfig
 from .. import strategies
+from ..strategies.base import LocalRule, LocalRules, split_extras, with_extras
+from ..strategies.prox import Proximal
 from ..metering import FlopModel
 from ..wire import Message
 from ..training import StepFn, autocast, derive_seed, train_pass
@@ -119,9 +121,15 @@ class Framework(ABC):
     def aggregate(self, rnd: int, results: dict[int, tuple[Message, dict]]) -> dict[str, Any]: ...
 
     def aggregate_tunable(self, results: dict[int, tuple[Message, dict]]) -> None:
-        """The strategy's next global state from the uploaded tunable states, weighted by samples."""
-        updates = [(msg.tensors, metrics["num_samples"]) for msg, metrics in results.values()]
-        self.global_state = self.strategy.aggregate(self.global_state, updates)
+        """The strategy's next global state from the uploaded tunable states, weighted by samples
+        (the strategy first receives its own extra tensors, e.g. SCAFFOLD's variate deltas)."""
+        ups = [(split_extras(msg.tensors), metrics["num_samples"]) for msg, metrics in results.values()]
+        self.strategy.receive([extras for (_, extras), _ in ups])
+        self.global_state = self.strategy.aggregate(self.global_state, [(t, w) for (t, _), w in ups])
+
+    def down_message(self, cid: int) -> Message:
+        """The global tunable state and whatever the strategy sends along (SCAFFOLD's c)."""
+        return Message(with_extras(self.global_state, self.strategy.downlink(self.global_state, cid)))
 
     def evaluate(self, rnd: int) -> dict[str, float]:
         with autocast(self.cfg.train, self.ctx.device):
@@ -140,14 +148,25 @@ class Framework(ABC):
     @abstractmethod
     def fit(self, rnd: int, cid: int, msg: Message, state: dict | None, link: Link | None) -> ClientResult: ...
 
-    def local_train(self, rnd: int, cid: int, limit: int = 0) -> tuple[float, int]:
+    def local_rule(self, msg: Message, state: dict | None) -> tuple[dict[str, torch.Tensor], LocalRule]:
+        """A down message -> (its tunable tensors, the rule the client's local steps follow:
+        the strategy's (SCAFFOLD's correction) and FedProx's term when ``fed.prox_mu`` > 0)."""
+        tunable, extras = split_extras(msg.tensors)
+        params = {n: p for n, p in self.tunable_module().named_parameters() if p.requires_grad}
+        rules = [self.strategy.client_rule(extras, state, params)]
+        if self.cfg.fed.prox_mu:
+            rules.append(Proximal(params, tunable, self.cfg.fed.prox_mu))
+        return tunable, LocalRules(r for r in rules if r is not None)
+
+    def local_train(self, rnd: int, cid: int, limit: int = 0, rule: LocalRule | None = None) -> tuple[float, int]:
         """The client's local epochs on its private rows -> (last epoch's mean loss, FLOPs).
         A fresh optimizer each round: nothing but the tunable weights outlives a round."""
         ctx, loss, flops = self.ctx, 0.0, 0
         for epoch in range(self.cfg.train.local_epochs):
             batches = ctx.client_batches(rnd, cid, epoch, limit)
             loss, f = train_pass(ctx.model, batches, self.cfg.train, ctx.device, ctx.flops, ctx.task.loss,
-                                 on_step=ctx.on_step, flop_fn=lambda b: ctx.task.flops(ctx.flops, b, True))
+                                 on_step=ctx.on_step, flop_fn=lambda b: ctx.task.flops(ctx.flops, b, True),
+                                 on_grad=rule.on_grad if rule else None)
             flops += f
         return loss, flops
 

@@ -26,6 +26,7 @@ from ..data import Batch
 from ..errors import FedtuneError
 from ..wire import Message, serialize
 from ..model_cut import CutModel
+from ..strategies.base import with_extras
 from ..training import autocast, make_optimizer, seeded
 from .base import ClientResult, Context, Framework
 
@@ -62,7 +63,7 @@ class SplitFramework(Framework):
 
     # ---- server side
     def configure(self, rnd, cid):  # cc3: the global client-side LoRA
-        return Message(self.global_state)
+        return self.down_message(cid)
 
     def serve(self, rnd, cid, msg):  # c3, c4
         dev, split, task = self.ctx.device, self.split, self.ctx.task
@@ -104,7 +105,8 @@ class SplitFramework(Framework):
         if link is None:
             raise FedtuneError("split learning needs a runtime that links each client to the server per batch")
         ctx, split, train = self.ctx, self.split, self.cfg.train
-        models.set_tunable(split.client, msg.tensors)  # cc4
+        tunable, rule = self.local_rule(msg, state)
+        models.set_tunable(split.client, tunable)  # cc4
         optimizer = make_optimizer(split.client, train)
         client_blocks = range(0, split.layer)
         flops, step, samples = 0, 0, 0
@@ -124,6 +126,7 @@ class SplitFramework(Framework):
                     grad = torch.zeros_like(packed).scatter_(-1, up[f"{ACT}index"].long(), grad)
                 optimizer.zero_grad(set_to_none=True)
                 packed.backward(grad.to(packed.dtype))  # c5
+                rule.on_grad()
                 if train.max_grad_norm:
                     torch.nn.utils.clip_grad_norm_(split.client.parameters(), train.max_grad_norm)
                 optimizer.step()
@@ -133,7 +136,7 @@ class SplitFramework(Framework):
                 if ctx.on_step:
                     ctx.on_step(len(losses), len(batches))
             samples = max(samples, sum(len(b.index) for b in batches))
-        up_msg = Message(models.get_tunable(split.client))  # cc1
+        up_msg = Message(with_extras(models.get_tunable(split.client), rule.upload()))  # cc1
         metrics = {
             "train_loss": sum(losses) / max(len(losses), 1),
             "client_flops": flops,
@@ -142,7 +145,7 @@ class SplitFramework(Framework):
             "adapter_bytes_up": len(serialize(up_msg)),
             "adapter_bytes_down": len(serialize(msg)),
         }
-        return ClientResult(up_msg, None, metrics)
+        return ClientResult(up_msg, rule.state(), metrics)
 
     # ---- checkpointing and the final model
     def tunable_module(self):

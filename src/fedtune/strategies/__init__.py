@@ -7,6 +7,11 @@ from ..registry import Registry
 
 STRATEGIES = Registry("fed.strategy", {
     "fedavg": "fedtune.strategies.fedavg:FedAvg",
+    "fedavgm": "fedtune.strategies.fedavgm:FedAvgM",
+    "fedadam": "fedtune.strategies.fedadam:FedAdam",
+    "fedyogi": "fedtune.strategies.fedyogi:FedYogi",
+    "fedadagrad": "fedtune.strategies.fedadagrad:FedAdagrad",
+    "scaffold": "fedtune.strategies.scaffold:Scaffold",
 })
 
 
