@@ -7,6 +7,9 @@ from ..registry import Registry
 
 STRATEGIES = Registry("fed.strategy", {
     "fedavg": "fedtune.strategies.fedavg:FedAvg",
+    "hetlora": "fedtune.strategies.hetlora:HetLoRA",
+    "flexlora": "fedtune.strategies.flexlora:FlexLoRA",
+    "flora": "fedtune.strategies.flora:FLoRA",
 })
 
 
