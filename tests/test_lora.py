@@ -154,10 +154,10 @@ def test_fedavg_reports_aggregation_error_and_ffa_lora_makes_it_exact(tiny):
 
 def test_rank_switch_leaves_logits_unchanged_and_bytes_follow_the_rank(tiny):
     cfg = tiny(**{"model.rank_schedule": "{1 = 2, 2 = 4}", "fed.rounds": 2})
-    from fedtune.frameworks import make as make_framework
+    from fedtune.frameworks import get as framework_class
     from fedtune.frameworks.base import Context
 
-    fw = make_framework(cfg.framework, Context.build(cfg))
+    fw = framework_class(cfg.framework)(Context.build(cfg))
     before = fw.configure(1, 0).tensors
     batch = fw.ctx.test_batches(limit=8)[0]
     model = fw.global_model()

@@ -64,8 +64,8 @@ class FedAvgFramework(Framework):
             record["aggregation_error_global"] = lora.aggregation_error(updates, self.global_state, self.frozen)
         if isinstance(self.strategy, lora.MergingStrategy):
             deltas = lora.scaled_products(self.ctx.model, self.global_state)
-            self.strategy.note_merged(deltas)
             lora.merge_once(self.ctx.model, deltas, self.strategy.aggregations)
+            self.strategy.note_merged(self.ctx.model, deltas)
         return record
 
     def global_model(self):
@@ -79,4 +79,4 @@ class FedAvgFramework(Framework):
         super().load_state_dict(state)
         if isinstance(self.strategy, lora.MergingStrategy) and self.strategy.aggregations:
             # A resumed run's model is fresh: rebuild the weights merged so far.
-            lora.merge_once(self.ctx.model, self.strategy.merged, self.strategy.aggregations)
+            self.strategy.restore_merged(self.ctx.model)

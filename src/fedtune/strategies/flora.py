@@ -6,8 +6,9 @@ weights and starts a fresh rank-r_i adapter (A seeded, the same on every client;
 downstream stack is the method's extra traffic, and it is in the serialized message.
 
 Every client must merge every round's stack (``fed.fraction = 1``, checked by the config). The
-server keeps the sum of all merged updates (dense, per module) so that a resumed run rebuilds
-its merged weights."""
+server keeps the merged weights in its checkpoint, so a resumed run restores them exactly. (On
+the flower runtime each SuperNode merges into its own copy; a resumed flower run starts fresh
+SuperNodes whose weights are not merged: resume flora runs in-process or on flower-sim.)"""
 
 from __future__ import annotations
 

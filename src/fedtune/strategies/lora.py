@@ -155,17 +155,22 @@ def apply_merges(model, tensors: State) -> State:
 
 class MergingStrategy(RankStrategy):
     """A rank strategy whose global adapter each client merges into its frozen weights (FLoRA).
-    It counts its aggregations (each stack's merge tag) and keeps the sum of every merged update,
-    so a resumed run rebuilds its merged weights (the framework calls ``merge_once`` with it)."""
+    It counts its aggregations (each stack's merge tag) and keeps the merged weights themselves,
+    so a resumed run restores them bit for bit (``restore_merged``)."""
 
     def __init__(self, cfg=None):
         super().__init__(cfg)
         self.aggregations = 0
-        self.merged: dict[str, torch.Tensor] = {}  # module -> sum of merged scaled updates
+        self.merged: dict[str, torch.Tensor] = {}  # module -> its base weight after the merges
 
-    def note_merged(self, deltas: dict[str, torch.Tensor]) -> None:
-        for m, d in deltas.items():
-            self.merged[m] = self.merged.get(m, 0) + d.double()
+    def note_merged(self, model, modules) -> None:
+        self.merged = {m: model.get_submodule(m).get_base_layer().weight.detach().clone() for m in modules}
+
+    def restore_merged(self, model) -> None:
+        with torch.no_grad():
+            for m, weight in self.merged.items():
+                model.get_submodule(m).get_base_layer().weight.copy_(weight)
+        model._fedtune_merged = self.aggregations
 
     def state_dict(self):
         return {"aggregations": self.aggregations, "merged": self.merged}
