@@ -35,6 +35,34 @@ def test_analytic_flops_match_flop_counter(name, train):
     assert abs(analytic - measured) / measured < 0.02, (analytic, measured)  # the README states 2%
 
 
+PEFT_CASES = {
+    "dora": dict(peft="dora"),
+    "dora-dropout": dict(peft="dora", lora_dropout=0.1),  # x W recomputed on the dropped-out input
+    "ia3": dict(peft="ia3"),
+    "prompt": dict(peft="prompt", virtual_tokens=6),  # attention over L + 6 tokens
+    "prefix": dict(peft="prefix", virtual_tokens=6),  # L queries x (L + 6) keys
+    "ffa-lora": dict(lora_freeze_a=True),  # no gradient for A
+}
+
+
+@pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert"])
+@pytest.mark.parametrize("case", list(PEFT_CASES))
+@pytest.mark.parametrize("train", [False, True])
+def test_analytic_flops_match_flop_counter_for_every_peft_method(name, case, train):
+    kw = dict(name=name, attn_implementation="eager", lora_dropout=0.0) | PEFT_CASES[case]
+    model, _ = models.build(ModelConfig(**kw), 77, seed=0)
+    model.train(train)
+    batch, length = 8, 37
+    ids = torch.randint(3, 1000, (batch, length))
+    with FlopCounterMode(display=False) as counter:
+        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.zeros(batch, dtype=torch.long))
+        if train:
+            out.loss.backward()
+    measured = counter.get_total_flops()
+    analytic = FlopModel.of(model).count(batch, length, train=train)
+    assert abs(analytic - measured) / measured < 0.05, (analytic, measured)
+
+
 def test_flops_grow_with_rank_and_length():
     small = FlopModel.of(models.build(ModelConfig(name="tiny-gpt2", lora_r=1), 4, 0)[0])
     big = FlopModel.of(models.build(ModelConfig(name="tiny-gpt2", lora_r=16), 4, 0)[0])

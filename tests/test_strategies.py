@@ -23,7 +23,7 @@ from fedtune.strategies.prox import Proximal
 from fedtune.strategies.scaffold import STATE_KEY, ScaffoldRule
 from fedtune.training import train_pass
 from fedtune.wire import Message, payload_bytes, serialize
-from test_fedavg import TIMING, KillAt
+from test_frameworks import TIMING, KillAt
 
 F64 = torch.float64
 # Two rounds, two clients with sample weights 1 and 3, three coordinates.

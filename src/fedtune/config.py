@@ -56,6 +56,14 @@ class ModelConfig:
     target_modules: list[str] = field(default_factory=list)  # empty = per-architecture default
     attn_implementation: str = "sdpa"
     quantize: str = ""  # "", "4bit" or "8bit": a frozen bitsandbytes base under LoRA (QLoRA); CUDA only
+    # Tunable-parameter design (docs/peft.md).
+    peft: str = "lora"  # "lora", "dora", "ia3", "prompt" (prompt tuning) or "prefix" (prefix tuning)
+    virtual_tokens: int = 10  # prompt/prefix: learned tokens prepended to the input / to every layer's keys
+    lora_scaling: str = "standard"  # "standard" (alpha/r) or "rslora" (alpha/sqrt(r))
+    lora_freeze_a: bool = False  # FFA-LoRA: A stays at its seeded init; only B is trained and sent
+    client_ranks: list[int] = field(default_factory=list)  # one LoRA rank per client; empty = lora_r for all
+    # round -> LoRA rank from that round on, e.g. {1 = 2, 6 = 4}; keys are strings as in TOML
+    rank_schedule: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass
@@ -229,6 +237,19 @@ def known_keys(cfg: RunConfig | None = None) -> list[str]:
 def _coerce(key: str, typ: Any, value: Any) -> Any:
     """Turn a TOML value or a command-line string into the field's declared type."""
     origin = getattr(typ, "__origin__", None)
+    if origin is dict:  # "{1 = 2, 6 = 4}" or "1:2,6:4" on the command line, a table in TOML
+        if isinstance(value, str):
+            text = value.strip().strip("{}")
+            pairs = [p.replace(":", "=").split("=", 1) for p in text.split(",") if p.strip()]
+            if any(len(p) != 2 for p in pairs):
+                raise FedtuneError(f"config key {key!r}: expected {{round = rank, ...}}, got {value!r}")
+            value = {k.strip(): v.strip() for k, v in pairs}
+        if not isinstance(value, dict):
+            raise FedtuneError(f"config key {key!r}: expected a table {{round = rank, ...}}, got {value!r}")
+        try:
+            return {str(int(str(k))): _coerce(key, typ.__args__[1], v) for k, v in value.items()}
+        except ValueError:
+            raise FedtuneError(f"config key {key!r}: table keys must be integers, got {list(value)}") from None
     if origin is list:
         if isinstance(value, str):
             text = value.strip()
@@ -280,7 +301,8 @@ def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """``{"model": {"lora_r": 8}}`` -> ``{"model.lora_r": 8}``."""
     flat: dict[str, Any] = {}
     for k, v in tree.items():
-        if isinstance(v, dict):
+        # A table whose keys are all integers is a value (model.rank_schedule: round -> rank).
+        if isinstance(v, dict) and not (v and all(str(key).lstrip("-").isdigit() for key in v)):
             flat.update(flatten(v, f"{prefix}{k}."))
         else:
             flat[f"{prefix}{k}"] = v
@@ -399,6 +421,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_sft_and_gpu(cfg)
     _validate_zo(cfg)
     _validate_strategy(cfg)
+    _validate_peft(cfg)
 
 
 def _validate_sft_and_gpu(cfg: RunConfig) -> None:
@@ -448,6 +471,58 @@ def _validate_strategy(cfg: RunConfig) -> None:
     if cfg.framework == "kd" and (f.strategy != "fedavg" or f.prox_mu):
         raise FedtuneError(f"fed.strategy={f.strategy} and fed.prox_mu act on uploaded tunable parameters, "
                            "which kd does not send; use framework fedavg or split")
+
+
+PEFT_METHODS = ("lora", "dora", "ia3", "prompt", "prefix")
+# Which methods fit split learning's cut: per-layer adapters on either side, a prompt on the client.
+SPLIT_PEFT = ("lora", "dora", "ia3", "prompt")
+# Strategies that aggregate clients of different LoRA ranks.
+RANK_STRATEGIES = ("hetlora", "flexlora", "flora")
+
+
+def _validate_peft(cfg: RunConfig) -> None:
+    m = cfg.model
+    _one_of("model.peft", m.peft, PEFT_METHODS)
+    _one_of("model.lora_scaling", m.lora_scaling, ("standard", "rslora"))
+    lora = m.peft in ("lora", "dora")
+    if cfg.framework == "split" and m.peft not in SPLIT_PEFT:
+        raise FedtuneError(f"model.peft={m.peft} does not fit split learning's cut; split takes {', '.join(SPLIT_PEFT)}")
+    if m.peft in ("prompt", "prefix") and cfg.train.task != "classify":
+        # The generate task reads the base model's hidden states directly, past PEFT's forward.
+        raise FedtuneError(f"model.peft={m.peft} needs train.task=classify; got {cfg.train.task!r}")
+    if m.peft in ("prompt", "prefix") and m.virtual_tokens < 1:
+        raise FedtuneError(f"model.virtual_tokens must be >= 1 with model.peft={m.peft}; got {m.virtual_tokens}")
+    if m.lora_freeze_a and not lora:
+        raise FedtuneError(f"model.lora_freeze_a applies to lora and dora; got model.peft={m.peft}")
+    if m.client_ranks and len(m.client_ranks) != cfg.fed.clients:
+        raise FedtuneError(
+            f"model.client_ranks needs one rank per client (fed.clients={cfg.fed.clients}); got {len(m.client_ranks)}")
+    ranks = list(m.client_ranks) + list(m.rank_schedule.values())
+    if any(r < 1 for r in ranks):
+        raise FedtuneError(f"LoRA ranks must be >= 1; got model.client_ranks={m.client_ranks}, "
+                           f"model.rank_schedule={m.rank_schedule}")
+    if (m.client_ranks or m.rank_schedule) and (not lora or cfg.framework != "fedavg"):
+        raise FedtuneError("model.client_ranks and model.rank_schedule need framework=fedavg with model.peft=lora or dora")
+    if m.client_ranks and m.rank_schedule:
+        raise FedtuneError("set model.client_ranks or model.rank_schedule, not both")
+    if m.rank_schedule:
+        rounds = sorted(int(k) for k in m.rank_schedule)
+        if rounds[0] != 1 or any(
+                m.rank_schedule[str(b)] < m.rank_schedule[str(a)] for a, b in zip(rounds, rounds[1:])):
+            raise FedtuneError(f"model.rank_schedule must start at round 1 and never lower the rank; "
+                               f"got {m.rank_schedule}")
+    if cfg.fed.strategy in RANK_STRATEGIES and (not lora or cfg.framework != "fedavg" or m.lora_freeze_a):
+        raise FedtuneError(f"fed.strategy={cfg.fed.strategy} aggregates LoRA factors: it needs framework=fedavg, "
+                           f"model.peft=lora or dora and model.lora_freeze_a=false")
+    if len(set(m.client_ranks)) > 1 and cfg.fed.strategy not in RANK_STRATEGIES:
+        raise FedtuneError(f"clients of different ranks (model.client_ranks={m.client_ranks}) need fed.strategy "
+                           f"{', '.join(RANK_STRATEGIES)}; got {cfg.fed.strategy!r}")
+    if (m.client_ranks or m.rank_schedule or cfg.fed.strategy in RANK_STRATEGIES) and (
+            cfg.fed.prox_mu or cfg.fed.strategy == "scaffold"):
+        # Their client-side terms are shaped like the global state, which then differs per client.
+        raise FedtuneError("fed.prox_mu and fed.strategy=scaffold do not combine with heterogeneous or scheduled ranks")
+    if cfg.fed.strategy == "flora" and cfg.fed.fraction < 1.0:
+        raise FedtuneError("fed.strategy=flora needs fed.fraction=1: every client merges every round's stacked adapter")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

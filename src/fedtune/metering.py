@@ -82,6 +82,19 @@ def measure(device: torch.device | str = "cpu", interval: float = 0.005):
 # adapted block needs a gradient, and in that block the projections that read the block's
 # input (q/k/v) need no input gradient. tests/test_metering.py checks this against
 # torch.utils.flop_counter.FlopCounterMode.
+#
+# PEFT methods other than LoRA change the count in four places (tests/test_metering.py checks each):
+#   IA3      elementwise scales, no matmul of their own; gradients still flow from the first block
+#            that holds one, like LoRA.
+#   DoRA     per adapted layer and forward, the product B A (computed as B(A(I)), 2*r*in*(in+out),
+#            detached: no backward) for the column norms; while training with LoRA dropout the base
+#            product x W is recomputed on the dropped-out input (one more forward matmul, and its
+#            input gradient; with fan_in_fan_out (GPT-2's Conv1D) peft wraps the transposed frozen
+#            weight in a new nn.Parameter, which requires grad, so its weight gradient is computed too).
+#   prompt   n virtual tokens are prepended: every token-wise product and attention sees L + n
+#            tokens, and since the prompt sits below block 0 every block needs its input gradient.
+#   prefix   n virtual keys/values per layer: projections see L tokens, attention L queries x
+#            (L + n) keys; the prefix in every block makes every block backpropagate attention.
 
 _BLOCK = re.compile(r"\.(?:h|layers|layer|blocks|block)\.(\d+)\.")
 _READS_BLOCK_INPUT = re.compile(r"\.(c_attn|q_proj|k_proj|v_proj|query|key|value|qkv_proj|Wqkv)(\.|$)")
@@ -124,7 +137,11 @@ class FlopModel:
     matmuls: tuple  # (block or -1, per_sequence, in, out, trainable, reads_block_input)
     blocks: int
     attn_width: int
-    first_trainable_block: int
+    first_trainable_block: int  # -1: something below block 0 trains (a prompt)
+    prompt_tokens: int = 0  # virtual tokens prepended to the input (prompt tuning)
+    prefix_tokens: int = 0  # virtual keys/values in every layer's attention (prefix tuning)
+    dora: tuple = ()  # (block, in, out, r, fan_in_fan_out) of each DoRA layer
+    dora_dropout: bool = False  # DoRA recomputes x W on the dropped-out input while training
 
     @classmethod
     def of(cls, model: nn.Module) -> "FlopModel":
@@ -140,14 +157,34 @@ class FlopModel:
             # A LoRA B matrix reads A's output, not the block's input, so it needs an input gradient.
             reads_input = bool(_READS_BLOCK_INPUT.search(name)) and ".lora_B." not in name + "."
             rows.append((block, per_seq, fin, fout, trainable, reads_input))
-        trainable_blocks = [r[0] for r in rows if r[4] and r[0] >= 0]
+        # Any trainable tensor counts (IA3 vectors and DoRA magnitudes are not matmul weights).
+        trainable_blocks = [int(m.group(1)) for n, p in model.named_parameters()
+                            if p.requires_grad and (m := _BLOCK.search("." + n + "."))]
         first = min(trainable_blocks) if trainable_blocks else _num_blocks(config)
-        return cls(tuple(rows), _num_blocks(config), _attention_width(config), first)
+        peft = getattr(model, "peft_config", {}).get("default")
+        kind = getattr(getattr(peft, "peft_type", None), "value", "")
+        prompt = peft.num_virtual_tokens if kind == "PROMPT_TUNING" else 0
+        prefix = peft.num_virtual_tokens if kind == "PREFIX_TUNING" else 0
+        if prompt:
+            first = -1
+        if prefix:
+            first = 0
+        dora = []
+        for name, mod in model.named_modules():
+            if getattr(mod, "lora_magnitude_vector", None) and "default" in mod.lora_magnitude_vector:
+                m = _BLOCK.search("." + name + ".")
+                a = mod.lora_A["default"]
+                dora.append((int(m.group(1)) if m else -1, a.in_features, mod.lora_B["default"].out_features,
+                             a.out_features, bool(mod.fan_in_fan_out)))
+        dropout = bool(dora) and getattr(peft, "lora_dropout", 0.0) > 0
+        return cls(tuple(rows), _num_blocks(config), _attention_width(config), first, prompt, prefix,
+                   tuple(dora), dropout)
 
     def count(self, batch: int, length: int, train: bool, blocks: range | None = None, head: bool = True) -> int:
         """FLOPs of one batch (batch x length tokens); forward only unless train.
         ``blocks`` limits the count to those transformer blocks (split learning); ``head``
         says whether the modules outside the blocks (the output head) are included."""
+        length += self.prompt_tokens
         tokens = batch * length
         total = 0
         for block, per_seq, fin, fout, trainable, reads_input in self.matmuls:
@@ -160,17 +197,24 @@ class FlopModel:
             total += mm
             if not train:
                 continue
-            if block < 0:
-                needs_input_grad = self.first_trainable_block < self.blocks
-            else:
-                needs_input_grad = block > self.first_trainable_block or (
-                    block == self.first_trainable_block and not reads_input
-                )
-            total += mm * needs_input_grad
+            total += mm * self._needs_input_grad(block, reads_input)
             total += mm * trainable
+        for block, fin, fout, r, weight_grad in self.dora:
+            if blocks is not None and block not in blocks:
+                continue
+            total += 2 * r * fin * (fin + fout)  # B(A(I)) for the norms, detached
+            if train and self.dora_dropout:
+                mm = 2 * tokens * fin * fout
+                total += mm + mm * self._needs_input_grad(block, True) + mm * weight_grad
         for block in blocks if blocks is not None else range(self.blocks):
-            attn = 4 * batch * length * length * self.attn_width
+            attn = 4 * batch * length * (length + self.prefix_tokens) * self.attn_width
             total += attn
             if train and block >= self.first_trainable_block:
                 total += 2 * attn
         return total
+
+    def _needs_input_grad(self, block: int, reads_input: bool) -> bool:
+        """Whether a product in ``block`` (-1: outside the blocks) backpropagates to its input."""
+        if block < 0:
+            return self.first_trainable_block < self.blocks
+        return block > self.first_trainable_block or (block == self.first_trainable_block and not reads_input)

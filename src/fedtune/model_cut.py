@@ -11,6 +11,9 @@ Each part runs the real Hugging Face modules (embeddings, blocks, norms, heads) 
 arguments their model's own ``forward`` would give them; what differs per architecture is
 only the glue, in one small class per family below.
 
+Prompt tuning (``model.peft = prompt``) sits on the client: its learned embeddings are prepended
+to the token embeddings as PEFT's own forward does, and the mask the server gets covers them.
+
 The activations cross the cut *packed*: only the real (attention-mask = 1) tokens, as an
 (N_tokens, hidden) matrix. That is exact: with right padding a causal model's real tokens
 never read the padded ones, an encoder masks them out as keys, and no head reads a padded
@@ -27,7 +30,7 @@ from .errors import FedtuneError
 
 def hf_model(model: nn.Module) -> nn.Module:
     """The Hugging Face model inside a peft wrapper (or the model itself)."""
-    return model.base_model.model if hasattr(model, "peft_config") else model
+    return model.get_base_model() if hasattr(model, "peft_config") else model
 
 
 def _positions(hidden: torch.Tensor) -> torch.Tensor:
@@ -49,6 +52,10 @@ def _last_token(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return logits[torch.arange(logits.shape[0], device=logits.device), index.argmax(-1)]
 
 
+def _prepend(prompt: torch.Tensor | None, embeds: torch.Tensor) -> torch.Tensor:
+    return embeds if prompt is None else torch.cat([prompt.to(embeds.dtype), embeds], dim=1)
+
+
 class Glue:
     """How one architecture family embeds tokens, what its blocks take, and its head."""
 
@@ -60,7 +67,8 @@ class Glue:
     def __init__(self, hf: nn.Module):
         self.hf = hf
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, prompt: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden states entering block 0; ``prompt`` (batch, n, hidden) goes before the tokens."""
         raise NotImplementedError
 
     def block_kwargs(self, hidden: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -83,9 +91,9 @@ class GPT2Glue(Glue):
         self.client_modules = [t.wte, t.wpe, t.drop]
         self.server_modules = [t.ln_f, _output_head(hf)]
 
-    def embed(self, input_ids):
+    def embed(self, input_ids, prompt=None):
         t = self.hf.transformer
-        hidden = t.wte(input_ids)
+        hidden = _prepend(prompt, t.wte(input_ids))
         return t.drop(hidden + t.wpe(_positions(hidden)))
 
     def block_kwargs(self, hidden, mask):
@@ -113,8 +121,8 @@ class LlamaGlue(Glue):
         # The rotary table has no weights; the server recomputes it from the positions.
         self.server_modules = [m.norm, _output_head(hf)]
 
-    def embed(self, input_ids):
-        return self.hf.model.embed_tokens(input_ids)
+    def embed(self, input_ids, prompt=None):
+        return _prepend(prompt, self.hf.model.embed_tokens(input_ids))
 
     def block_kwargs(self, hidden, mask):
         from transformers.masking_utils import create_causal_mask
@@ -145,8 +153,11 @@ class BertGlue(Glue):
         self.client_modules = [b.embeddings]
         self.server_modules = [b.pooler, hf.dropout, hf.classifier]
 
-    def embed(self, input_ids):
-        return self.hf.bert.embeddings(input_ids=input_ids)
+    def embed(self, input_ids, prompt=None):
+        e = self.hf.bert.embeddings
+        if prompt is None:
+            return e(input_ids=input_ids)
+        return e(inputs_embeds=_prepend(prompt, e.word_embeddings(input_ids)))
 
     def block_kwargs(self, hidden, mask):
         from transformers.masking_utils import create_bidirectional_mask
@@ -185,16 +196,32 @@ class CutModel:
         if not 1 <= layer <= n - 1:
             raise FedtuneError(f"split.split_layer must be in 1..{n - 1} for this {n}-block model; got {layer}")
         self.num_blocks = n
-        self.client = nn.ModuleList([*self.glue.client_modules, *self.glue.blocks[:layer]])
+        peft = getattr(model, "peft_config", {}).get("default")
+        prompt = getattr(getattr(peft, "peft_type", None), "value", "") == "PROMPT_TUNING"
+        self.prompt = model.prompt_encoder["default"] if prompt else None
+        self.client = nn.ModuleList([*self.glue.client_modules, *self.glue.blocks[:layer],
+                                     *([self.prompt] if prompt else [])])
         self.server = nn.ModuleList([*self.glue.blocks[layer:], *self.glue.server_modules])
         parts = {id(p) for part in (self.client, self.server) for p in part.parameters() if p.requires_grad}
         stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in parts]
         if stray:
             raise FedtuneError(f"split learning cannot place the tunable parameter {stray[0]} on client or server")
 
+    def full_mask(self, mask: torch.Tensor) -> torch.Tensor:
+        """The attention mask over what crosses the cut: the prompt's tokens, then the input's."""
+        if self.prompt is None:
+            return mask
+        n = self.prompt.embedding.num_embeddings
+        return torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
     def client_forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """-> the packed activations at the cut, (real tokens, hidden)."""
-        hidden = self.glue.embed(input_ids)
+        prompt = None
+        if self.prompt is not None:
+            n = self.prompt.embedding.num_embeddings
+            prompt = self.prompt(torch.arange(n, device=input_ids.device)).expand(input_ids.shape[0], -1, -1)
+        hidden = self.glue.embed(input_ids, prompt)
+        mask = self.full_mask(mask)
         kwargs = self.glue.block_kwargs(hidden, mask)
         for block in self.glue.blocks[: self.layer]:
             hidden = block(hidden, **kwargs)

@@ -282,24 +282,52 @@ def default_targets(model_type: str) -> list[str]:
     raise FedtuneError(f"no default LoRA target for architecture {model_type!r}; set model.target_modules")
 
 
-def add_lora(model: nn.Module, cfg: ModelConfig, task: str = "classify") -> nn.Module:
-    from peft import LoraConfig, TaskType, get_peft_model
+def max_rank(cfg: ModelConfig) -> int:
+    """The rank the one shared model is built with: the largest any client ever uses."""
+    return max([cfg.lora_r, *cfg.client_ranks, *cfg.rank_schedule.values()])
 
-    model_type = model.config.model_type
-    lora = LoraConfig(
-        task_type=TaskType.SEQ_CLS if task == "classify" else TaskType.CAUSAL_LM,
-        r=cfg.lora_r,
+
+def peft_config(cfg: ModelConfig, model_type: str, task: str = "classify"):
+    """The PEFT library's config for ``model.peft``."""
+    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
+
+    task_type = TaskType.SEQ_CLS if task == "classify" else TaskType.CAUSAL_LM
+    targets = cfg.target_modules or default_targets(model_type)
+    if cfg.peft == "ia3":
+        # On the attention projections, like LoRA: a learned scale on their outputs.
+        return IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=[],
+                         fan_in_fan_out=model_type in FAN_IN_FAN_OUT)
+    if cfg.peft == "prompt":
+        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.virtual_tokens)
+    if cfg.peft == "prefix":
+        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.virtual_tokens)
+    return LoraConfig(
+        task_type=task_type,
+        r=max_rank(cfg),
         lora_alpha=cfg.lora_alpha,
         lora_dropout=cfg.lora_dropout,
         bias="none",
         init_lora_weights=cfg.lora_init if cfg.lora_init != "default" else True,
-        target_modules=cfg.target_modules or default_targets(model_type),
+        target_modules=targets,
         fan_in_fan_out=model_type in FAN_IN_FAN_OUT,
+        use_rslora=cfg.lora_scaling == "rslora",
+        use_dora=cfg.peft == "dora",
     )
+
+
+def add_lora(model: nn.Module, cfg: ModelConfig, task: str = "classify") -> nn.Module:
+    """The PEFT method ``model.peft`` (LoRA by default) on top of the frozen model."""
+    from peft import get_peft_model
+
     try:
-        return get_peft_model(model, lora)
+        peft_model = get_peft_model(model, peft_config(cfg, model.config.model_type, task))
     except ValueError as exc:
-        raise FedtuneError(f"LoRA: {exc}") from None
+        raise FedtuneError(f"{cfg.peft}: {exc}") from None
+    if cfg.lora_freeze_a:  # FFA-LoRA: A keeps its seeded init, the same on every client
+        for name, p in peft_model.named_parameters():
+            if ".lora_A." in name:
+                p.requires_grad_(False)
+    return peft_model
 
 
 def build(cfg: ModelConfig, num_labels: int, seed: int, task: str = "classify"):

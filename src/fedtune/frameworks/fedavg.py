@@ -1,10 +1,17 @@
 """FedLLM: clients fine-tune LoRA (and the head) locally; the server aggregates the
-tunable parameters with a strategy (FedAvg by default) and sends them back (paper steps a1-a4)."""
+tunable parameters with a strategy (FedAvg by default) and sends them back (paper steps a1-a4).
+
+LoRA ranks may differ per client (``model.client_ranks``) or grow over rounds
+(``model.rank_schedule``): each client receives and uploads a state of its own rank, held
+zero-padded in the one shared model (strategies/lora.py says why that is exact). Every server
+record of a LoRA run carries ``aggregation_error``: how far the product of the averaged
+factors is from the average of the clients' products (docs/peft.md)."""
 
 from __future__ import annotations
 
 from .. import models
-from ..strategies.base import with_extras
+from ..strategies import lora
+from ..strategies.base import split_extras, with_extras
 from ..wire import Message
 from .base import ClientResult, Context, Framework
 
@@ -14,20 +21,66 @@ class FedAvgFramework(Framework):
 
     def __init__(self, ctx: Context):
         super().__init__(ctx)
-        self.global_state = models.get_tunable(ctx.model)
+        state = models.get_tunable(ctx.model)
+        self.shapes = {k: v.shape for k, v in state.items()}  # the model's rank-r_max adapter
+        self.global_state = lora.resize(state, self.rank(1, 0)) if self.cfg.model.rank_schedule else state
+        # FFA-LoRA's frozen A: not sent, but part of every product B A.
+        self.frozen = {n: p.detach().clone() for n, p in ctx.model.named_parameters()
+                       if lora.A_KEY in n and not p.requires_grad}
 
-    def configure(self, rnd, cid):  # a1: send the global tunable parameters
-        return self.down_message(cid)
+    def rank(self, rnd: int, cid: int) -> int:
+        """Client ``cid``'s LoRA rank in round ``rnd``."""
+        m = self.cfg.model
+        if m.rank_schedule:
+            return m.rank_schedule[str(max(int(k) for k in m.rank_schedule if int(k) <= rnd))]
+        return m.client_ranks[cid] if m.client_ranks else m.lora_r
+
+    def configure(self, rnd, cid):  # a1: send the global tunable parameters, at the client's rank
+        r = self.rank(rnd, cid)
+        if self.cfg.model.rank_schedule and lora.rank(self.global_state) < r:
+            # The rank grows: new A rows seeded (std 1/r, as PEFT's gaussian init), new B columns
+            # zero, so the global model's output is unchanged.
+            self.global_state = lora.resize(self.global_state, r, seed=self.cfg.seed, std=1.0 / r)
+        if isinstance(self.strategy, lora.RankStrategy):
+            return Message(self.strategy.for_client(self.global_state, r))
+        # with whatever the strategy sends along (SCAFFOLD's c)
+        return Message(with_extras(lora.resize(self.global_state, r), self.strategy.downlink(self.global_state, cid)))
 
     def fit(self, rnd, cid, msg, state, link):  # a2: local fine-tuning
         tunable, rule = self.local_rule(msg, state)
-        models.set_tunable(self.ctx.model, tunable)
+        tensors = lora.apply_merges(self.ctx.model, tunable)
+        r = lora.rank(tensors)
+        models.set_tunable(self.ctx.model, lora.fit_to(tensors, self.shapes))
         loss, flops = self.local_train(rnd, cid, rule=rule)
         metrics = {"train_loss": loss, "client_flops": flops, "num_samples": len(self.ctx.data.clients[cid])}
-        # a3: upload the fine-tuned tunable parameters
-        up = with_extras(models.get_tunable(self.ctx.model), rule.upload())
-        return ClientResult(Message(up), rule.state(), metrics)
+        # a3: upload the fine-tuned tunable parameters, the client's own rank only
+        up = models.get_tunable(self.ctx.model)
+        return ClientResult(Message(with_extras(lora.resize(up, r) if r else up, rule.upload())), rule.state(), metrics)
 
     def aggregate(self, rnd, results):  # a4: aggregate into the global parameters
+        # the clients' tunable states, without what a strategy sent along (SCAFFOLD's variates)
+        updates = [(split_extras(msg.tensors)[0], metrics["num_samples"]) for msg, metrics in results.values()]
+        has_lora = bool(lora.pairs({**self.frozen, **updates[0][0]}))
+        record = {"aggregation_error": lora.aggregation_error(updates, frozen=self.frozen)} if has_lora else {}
         self.aggregate_tunable(results)
-        return {}
+        if has_lora and isinstance(self.strategy, lora.RankStrategy):
+            # The error of what this strategy built (0 for flora, the truncation for flexlora).
+            record["aggregation_error_global"] = lora.aggregation_error(updates, self.global_state, self.frozen)
+        if isinstance(self.strategy, lora.MergingStrategy):
+            deltas = lora.scaled_products(self.ctx.model, self.global_state)
+            lora.merge_once(self.ctx.model, deltas, self.strategy.aggregations)
+            self.strategy.note_merged(self.ctx.model, deltas)
+        return record
+
+    def global_model(self):
+        state = self.global_state
+        if isinstance(self.strategy, lora.RankStrategy):
+            state = lora.apply_merges(self.ctx.model, self.strategy.for_client(state, models.max_rank(self.cfg.model)))
+        models.set_tunable(self.ctx.model, lora.fit_to(state, self.shapes))
+        return self.ctx.model
+
+    def load_state_dict(self, state):
+        super().load_state_dict(state)
+        if isinstance(self.strategy, lora.MergingStrategy) and self.strategy.aggregations:
+            # A resumed run's model is fresh: rebuild the weights merged so far.
+            self.strategy.restore_merged(self.ctx.model)

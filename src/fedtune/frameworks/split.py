@@ -119,7 +119,7 @@ class SplitFramework(Framework):
                 with autocast(train, ctx.device):
                     packed = split.client_forward(batch.input_ids, batch.attention_mask)  # c1
                 up = self.encode_activations(packed.detach())
-                up.update(mask=batch.attention_mask.bool(), labels=batch.labels)
+                up.update(mask=split.full_mask(batch.attention_mask).bool(), labels=batch.labels)
                 reply = link.exchange(Message(up, {"step": step}))  # c2 ... c4
                 grad = compression.dequantize(reply.tensors, GRAD).to(ctx.device)
                 if f"{ACT}index" in up:

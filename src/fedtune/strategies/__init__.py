@@ -12,6 +12,9 @@ STRATEGIES = Registry("fed.strategy", {
     "fedyogi": "fedtune.strategies.fedyogi:FedYogi",
     "fedadagrad": "fedtune.strategies.fedadagrad:FedAdagrad",
     "scaffold": "fedtune.strategies.scaffold:Scaffold",
+    "hetlora": "fedtune.strategies.hetlora:HetLoRA",
+    "flexlora": "fedtune.strategies.flexlora:FlexLoRA",
+    "flora": "fedtune.strategies.flora:FLoRA",
 })
 
 
