@@ -74,6 +74,15 @@ class FedConfig:
     fraction: float = 1.0  # fraction of clients sampled each round
     strategy: str = "fedavg"  # strategies.STRATEGIES: how the server aggregates tunable parameters
     client_timeout_s: float = 0.0  # used by distributed runtimes; 0 = wait forever
+    # Robust strategies (docs/privacy.md): trimmed_mean drops this fraction at each end per coordinate,
+    # krum/multikrum assume up to krum_f Byzantine clients, norm_bound clips each update's L2 norm.
+    trim_fraction: float = 0.2
+    krum_f: int = 1
+    norm_bound: float = 1.0
+    # Simulated attackers: "" (none), sign_flip, scale, gaussian (model poisoning) or label_flip (data).
+    attack: str = ""
+    attack_scale: float = 10.0  # scale: the update's factor; gaussian: the noise's std in update RMS units
+    malicious_clients: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -118,6 +127,21 @@ class FlowerConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy (docs/privacy.md). delta 0 = 1/n: n = a client's records for DP-SGD,
+    the number of clients for central DP."""
+
+    dp_sgd: bool = False  # record-level DP-SGD in every client's local training
+    clip: float = 1.0  # per-example gradient L2 bound
+    noise_multiplier: float = 1.0  # noise std / clip; ignored when target_epsilon > 0
+    target_epsilon: float = 0.0  # > 0: calibrate the noise so the run ends at this epsilon
+    delta: float = 0.0
+    central_dp: bool = False  # client-level DP-FedAvg at the server
+    update_clip: float = 1.0  # each client's update (state - global) L2 bound
+    update_noise_multiplier: float = 1.0  # noise std on the sum / update_clip; target_epsilon calibrates it too
+
+
+@dataclass
 class RunConfig:
     framework: str = "fedavg"  # frameworks.FRAMEWORKS: "fedavg", "kd" or "split"
     runtime: str = "inprocess"  # runtimes.RUNTIMES: "inprocess", "flower-sim" or "flower"
@@ -131,6 +155,7 @@ class RunConfig:
     kd: KDConfig = field(default_factory=KDConfig)
     split: SplitConfig = field(default_factory=SplitConfig)
     flower: FlowerConfig = field(default_factory=FlowerConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 # Presets are overrides on top of the dataclass defaults (which are the demo setting).
@@ -340,6 +365,49 @@ def validate(cfg: RunConfig) -> None:
         raise FedtuneError(f"split.act_topk must be in [0, 1) (0 = dense); got {cfg.split.act_topk}")
     if cfg.split.samples_per_round < 0:
         raise FedtuneError("split.samples_per_round must be >= 0 (0 = the whole shard)")
+    _validate_privacy(cfg)
+
+
+ATTACKS = ("sign_flip", "scale", "gaussian", "label_flip")
+
+
+def _validate_privacy(cfg: RunConfig) -> None:
+    """The privacy section and the robustness keys of fed (docs/privacy.md)."""
+    f, p = cfg.fed, cfg.privacy
+    if f.attack and f.attack not in ATTACKS:
+        raise FedtuneError(f"fed.attack must be empty or one of {', '.join(ATTACKS)}; got {f.attack!r}")
+    bad = [c for c in f.malicious_clients if not 0 <= c < f.clients]
+    if bad:
+        raise FedtuneError(f"fed.malicious_clients must be client ids in [0, {f.clients}); got {bad}")
+    if len(set(f.malicious_clients)) >= f.clients:
+        raise FedtuneError(f"fed.malicious_clients must name fewer clients than fed.clients={f.clients}; "
+                           f"got {len(set(f.malicious_clients))}")
+    if bool(f.attack) != bool(f.malicious_clients):
+        raise FedtuneError("fed.attack and fed.malicious_clients go together: set both or neither")
+    if f.attack in ("sign_flip", "scale", "gaussian") and cfg.framework == "kd":
+        raise FedtuneError(f"fed.attack={f.attack} poisons uploaded weights; kd uploads outputs: use label_flip")
+    if f.attack_scale <= 0:
+        raise FedtuneError(f"fed.attack_scale must be > 0; got {f.attack_scale}")
+    if not 0.0 <= f.trim_fraction < 0.5:
+        raise FedtuneError(f"fed.trim_fraction must be in [0, 0.5); got {f.trim_fraction}")
+    if f.norm_bound <= 0:
+        raise FedtuneError(f"fed.norm_bound must be > 0; got {f.norm_bound}")
+    sampled = max(1, round(f.fraction * f.clients))
+    if f.krum_f < 0 or (f.strategy in ("krum", "multikrum") and sampled < 2 * f.krum_f + 3):
+        raise FedtuneError(f"fed.strategy={f.strategy} with fed.krum_f={f.krum_f} needs >= {2 * f.krum_f + 3} "
+                           f"sampled clients (2f+3); got {sampled}")
+    for key, value in (("privacy.clip", p.clip), ("privacy.update_clip", p.update_clip)):
+        if not value > 0:
+            raise FedtuneError(f"{key} must be > 0 (an L2 bound); got {value}")
+    for key, value in (("privacy.noise_multiplier", p.noise_multiplier),
+                       ("privacy.update_noise_multiplier", p.update_noise_multiplier),
+                       ("privacy.target_epsilon", p.target_epsilon)):
+        if value < 0:
+            raise FedtuneError(f"{key} must be >= 0; got {value}")
+    if not 0.0 <= p.delta < 1.0:
+        raise FedtuneError(f"privacy.delta must be in [0, 1) (0 = 1/n); got {p.delta}")
+    if p.central_dp and cfg.framework == "kd":
+        raise FedtuneError("privacy.central_dp bounds uploaded weight updates; kd uploads outputs (use privacy.dp_sgd)")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from ..tasks.base import Task
 from ..config import RunConfig
 from .. import strategies
 from ..metering import FlopModel
+from ..privacy import attacks
 from ..wire import Message
 from ..training import StepFn, derive_seed, train_pass
 
@@ -88,7 +89,8 @@ class Context:
     def client_batches(self, rnd: int, cid: int, epoch: int = 0, limit: int = 0):
         """The client's private rows for this round, shuffled by (seed, round, client, epoch)."""
         seed = derive_seed(self.cfg.seed, "shuffle", rnd, cid, epoch)
-        return self.batches(f"client{cid}", self.data.clients[cid].labels, self.cfg.train.batch_size, seed, limit)
+        labels = attacks.flip_labels(self.cfg, cid, self.data.clients[cid].labels, self.data.num_labels)
+        return self.batches(f"client{cid}", labels, self.cfg.train.batch_size, seed, limit)
 
     def test_batches(self, limit: int = 0):
         return self.batches("test", self.data.test.labels, self.cfg.train.eval_batch_size, limit=limit)

@@ -4,6 +4,7 @@ tunable parameters with a strategy (FedAvg by default) and sends them back (pape
 from __future__ import annotations
 
 from .. import models
+from ..privacy import attacks
 from ..wire import Message
 from .base import ClientResult, Context, Framework
 
@@ -21,9 +22,11 @@ class FedAvgFramework(Framework):
     def fit(self, rnd, cid, msg, state, link):  # a2: local fine-tuning
         models.set_tunable(self.ctx.model, msg.tensors)
         loss, flops = self.local_train(rnd, cid)
-        metrics = {"train_loss": loss, "client_flops": flops, "num_samples": len(self.ctx.data.clients[cid])}
-        # a3: upload the fine-tuned tunable parameters
-        return ClientResult(Message(models.get_tunable(self.ctx.model)), None, metrics)
+        metrics = {"train_loss": loss, "client_flops": flops, "num_samples": len(self.ctx.data.clients[cid]),
+                   **attacks.mark(self.cfg, cid)}
+        # a3: upload the fine-tuned tunable parameters (rewritten if this client is a simulated attacker)
+        up = attacks.poison(self.cfg, cid, msg.tensors, models.get_tunable(self.ctx.model))
+        return ClientResult(Message(up), None, metrics)
 
     def aggregate(self, rnd, results):  # a4: aggregate into the global parameters
         self.aggregate_tunable(results)

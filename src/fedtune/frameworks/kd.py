@@ -27,6 +27,7 @@ from .. import models
 from ..compression import dequantize, quantize, topk_decode_distribution, topk_encode
 from ..config import KDConfig
 from ..errors import FedtuneError
+from ..privacy import attacks
 from ..wire import Message
 from ..training import derive_seed, make_optimizer, seeded, train_pass
 from .base import ClientResult, Context, Framework
@@ -224,6 +225,7 @@ class KDFramework(Framework):
             train_loss=loss, num_samples=len(ctx.data.clients[cid]),
             client_flops=train_flops + public_flops + kd_flops,
             client_flops_train=train_flops, client_flops_public=public_flops, client_flops_kd=kd_flops,
+            **attacks.mark(cfg, cid),
         )
         # b3: upload the compressed outputs; keep the local model for the next round
         return ClientResult(Message(encode_outputs(outputs, cfg.kd)), {"tunable": models.get_tunable(ctx.model)}, metrics)

@@ -25,6 +25,7 @@ from ..data import Batch
 from ..errors import FedtuneError
 from ..wire import Message, serialize
 from ..model_cut import CutModel
+from ..privacy import attacks
 from ..training import make_optimizer, seeded
 from .base import ClientResult, Context, Framework
 
@@ -129,7 +130,7 @@ class SplitFramework(Framework):
                 if ctx.on_step:
                     ctx.on_step(len(losses), len(batches))
             samples = max(samples, sum(len(b.index) for b in batches))
-        up_msg = Message(models.get_tunable(split.client))  # cc1
+        up_msg = Message(attacks.poison(self.cfg, cid, msg.tensors, models.get_tunable(split.client)))  # cc1
         metrics = {
             "train_loss": sum(losses) / max(len(losses), 1),
             "client_flops": flops,
@@ -137,6 +138,7 @@ class SplitFramework(Framework):
             "batches": step,
             "adapter_bytes_up": len(serialize(up_msg)),
             "adapter_bytes_down": len(serialize(msg)),
+            **attacks.mark(self.cfg, cid),
         }
         return ClientResult(up_msg, None, metrics)
 

@@ -7,6 +7,11 @@ from ..registry import Registry
 
 STRATEGIES = Registry("fed.strategy", {
     "fedavg": "fedtune.strategies.fedavg:FedAvg",
+    "median": "fedtune.strategies.median:Median",
+    "trimmed_mean": "fedtune.strategies.trimmed_mean:TrimmedMean",
+    "krum": "fedtune.strategies.krum:Krum",
+    "multikrum": "fedtune.strategies.krum:MultiKrum",
+    "norm_bound": "fedtune.strategies.norm_bound:NormBound",
 })
 
 
