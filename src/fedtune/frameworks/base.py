@@ -29,7 +29,7 @@ from ..tasks.base import Task
 from ..config import RunConfig
 from .. import strategies
 from ..metering import FlopModel
-from ..privacy import attacks
+from ..privacy import attacks, central_dp, dp_sgd
 from ..wire import Message
 from ..training import StepFn, derive_seed, train_pass
 
@@ -109,6 +109,7 @@ class Framework(ABC):
         self.cfg = ctx.cfg
         self.global_state: dict[str, torch.Tensor] = {}  # the global tunable parameters
         self.strategy = strategies.make(self.cfg)
+        self.central_dp = central_dp.make(self.cfg)  # None unless privacy.central_dp
 
     # ---- server side
     @abstractmethod
@@ -117,10 +118,15 @@ class Framework(ABC):
     @abstractmethod
     def aggregate(self, rnd: int, results: dict[int, tuple[Message, dict]]) -> dict[str, Any]: ...
 
-    def aggregate_tunable(self, results: dict[int, tuple[Message, dict]]) -> None:
-        """The strategy's next global state from the uploaded tunable states, weighted by samples."""
+    def aggregate_tunable(self, results: dict[int, tuple[Message, dict]]) -> dict[str, Any]:
+        """The strategy's next global state from the uploaded tunable states, weighted by samples
+        (under privacy.central_dp, from their clipped and noised mean) -> the server record's extras."""
         updates = [(msg.tensors, metrics["num_samples"]) for msg, metrics in results.values()]
+        record: dict[str, Any] = {}
+        if self.central_dp:
+            updates, record = self.central_dp.privatize(self.global_state, updates)
         self.global_state = self.strategy.aggregate(self.global_state, updates)
+        return record
 
     def evaluate(self, rnd: int) -> dict[str, float]:
         ev = self.ctx.task.evaluate(self.global_model(), self.ctx.test_batches(), self.ctx.device)
@@ -133,14 +139,20 @@ class Framework(ABC):
     @abstractmethod
     def fit(self, rnd: int, cid: int, msg: Message, state: dict | None, link: Link | None) -> ClientResult: ...
 
-    def local_train(self, rnd: int, cid: int, limit: int = 0) -> tuple[float, int]:
+    def local_train(self, rnd: int, cid: int, limit: int = 0, dp=None) -> tuple[float, int]:
         """The client's local epochs on its private rows -> (last epoch's mean loss, FLOPs).
-        A fresh optimizer each round: nothing but the tunable weights outlives a round."""
+        A fresh optimizer each round: nothing but the tunable weights outlives a round.
+        ``dp`` (privacy.dp_sgd.ClientDP): every step is a DP-SGD step."""
         ctx, loss, flops = self.ctx, 0.0, 0
         for epoch in range(self.cfg.train.local_epochs):
             batches = ctx.client_batches(rnd, cid, epoch, limit)
-            loss, f = train_pass(ctx.model, batches, self.cfg.train, ctx.device, ctx.flops, ctx.task.loss,
-                                 on_step=ctx.on_step, flop_fn=lambda b: ctx.task.flops(ctx.flops, b, True))
+            flop_fn = lambda b: ctx.task.flops(ctx.flops, b, True)  # noqa: E731
+            if dp is None:
+                loss, f = train_pass(ctx.model, batches, self.cfg.train, ctx.device, ctx.flops, ctx.task.loss,
+                                     on_step=ctx.on_step, flop_fn=flop_fn)
+            else:
+                loss, f = dp_sgd.train_pass(ctx.model, batches, self.cfg.train, ctx.device, ctx.flops, ctx.task.loss,
+                                            dp, on_step=ctx.on_step, flop_fn=flop_fn)
             flops += f
         return loss, flops
 
@@ -155,8 +167,13 @@ class Framework(ABC):
         return self.ctx.model
 
     def state_dict(self) -> dict[str, Any]:
-        return {"global_state": self.global_state, "strategy": self.strategy.state_dict()}
+        state = {"global_state": self.global_state, "strategy": self.strategy.state_dict()}
+        if self.central_dp:
+            state["central_dp"] = self.central_dp.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_state = state["global_state"]
         self.strategy.load_state_dict(state["strategy"])
+        if self.central_dp:
+            self.central_dp.load_state_dict(state["central_dp"])

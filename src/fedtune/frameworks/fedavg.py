@@ -4,7 +4,7 @@ tunable parameters with a strategy (FedAvg by default) and sends them back (pape
 from __future__ import annotations
 
 from .. import models
-from ..privacy import attacks
+from ..privacy import attacks, dp_sgd
 from ..wire import Message
 from .base import ClientResult, Context, Framework
 
@@ -21,13 +21,14 @@ class FedAvgFramework(Framework):
 
     def fit(self, rnd, cid, msg, state, link):  # a2: local fine-tuning
         models.set_tunable(self.ctx.model, msg.tensors)
-        loss, flops = self.local_train(rnd, cid)
-        metrics = {"train_loss": loss, "client_flops": flops, "num_samples": len(self.ctx.data.clients[cid]),
-                   **attacks.mark(self.cfg, cid)}
+        n = len(self.ctx.data.clients[cid])
+        dp = dp_sgd.for_client(self.cfg, n, state)
+        loss, flops = self.local_train(rnd, cid, dp=dp)
+        metrics = {"train_loss": loss, "client_flops": flops, "num_samples": n,
+                   **attacks.mark(self.cfg, cid), **(dp.record() if dp else {})}
         # a3: upload the fine-tuned tunable parameters (rewritten if this client is a simulated attacker)
         up = attacks.poison(self.cfg, cid, msg.tensors, models.get_tunable(self.ctx.model))
-        return ClientResult(Message(up), None, metrics)
+        return ClientResult(Message(up), dp_sgd.keep(dp, None), metrics)
 
     def aggregate(self, rnd, results):  # a4: aggregate into the global parameters
-        self.aggregate_tunable(results)
-        return {}
+        return self.aggregate_tunable(results)

@@ -27,7 +27,7 @@ from .. import models
 from ..compression import dequantize, quantize, topk_decode_distribution, topk_encode
 from ..config import KDConfig
 from ..errors import FedtuneError
-from ..privacy import attacks
+from ..privacy import attacks, dp_sgd
 from ..wire import Message
 from ..training import derive_seed, make_optimizer, seeded, train_pass
 from .base import ClientResult, Context, Framework
@@ -147,7 +147,7 @@ class KDFramework(Framework):
         return torch.cat(out), flops
 
     def distil(self, teacher: torch.Tensor, keep: torch.Tensor, epochs: int, lr: float, head_lr: float,
-               *seed) -> tuple[float, int]:
+               *seed, dp=None) -> tuple[float, int]:
         """b5 / b8: fit the current model to ``teacher`` on the public examples with a kept row."""
         ctx, cfg = self.ctx, self.cfg
         example_of_row = torch.repeat_interleave(torch.arange(len(self.row_count)), self.row_count)
@@ -169,8 +169,12 @@ class KDFramework(Framework):
         for epoch in range(epochs):
             batches = datalib.batches(ids, labels, cfg.train.batch_size, ctx.tokenizer.pad_token_id, cfg.data.padding,
                                       cfg.data.max_length, derive_seed(cfg.seed, *seed, epoch))
-            loss, f = train_pass(ctx.model, batches, cfg.train, ctx.device, ctx.flops, loss_fn, optimizer,
-                                 ctx.on_step, lambda b: ctx.task.flops(ctx.flops, b, True))
+            if dp is not None:  # a DP client's every step is a DP-SGD step (privacy/dp_sgd.py)
+                loss, f = dp_sgd.train_pass(ctx.model, batches, cfg.train, ctx.device, ctx.flops, loss_fn, dp,
+                                            optimizer, ctx.on_step, lambda b: ctx.task.flops(ctx.flops, b, True))
+            else:
+                loss, f = train_pass(ctx.model, batches, cfg.train, ctx.device, ctx.flops, loss_fn, optimizer,
+                                     ctx.on_step, lambda b: ctx.task.flops(ctx.flops, b, True))
             flops += f
         return loss, flops
 
@@ -209,14 +213,15 @@ class KDFramework(Framework):
     def fit(self, rnd, cid, msg, state, link):
         ctx, cfg = self.ctx, self.cfg
         models.set_tunable(ctx.model, state["tunable"] if state else self.init_state)
+        dp = dp_sgd.for_client(cfg, len(ctx.data.clients[cid]), state)
         metrics: dict = {}
         kd_flops = 0
         if msg.tensors:  # b8: align the local model with the global knowledge
             teacher = self.decode(msg.tensors)
             keep = torch.ones(self.rows, dtype=torch.bool)
             metrics["client_kd_loss"], kd_flops = self.distil(
-                teacher, keep, cfg.kd.client_kd_epochs, cfg.train.lr, cfg.train.head_lr, "client-kd", rnd, cid)
-        loss, train_flops = self.local_train(rnd, cid)  # b1
+                teacher, keep, cfg.kd.client_kd_epochs, cfg.train.lr, cfg.train.head_lr, "client-kd", rnd, cid, dp=dp)
+        loss, train_flops = self.local_train(rnd, cid, dp=dp)  # b1
         outputs, public_flops = self.public_outputs()  # b2
         if cfg.kd.client_eval_size:  # the client's own model, not counted as protocol compute
             ev = ctx.task.evaluate(ctx.model, ctx.test_batches(limit=cfg.kd.client_eval_size), ctx.device)
@@ -225,10 +230,11 @@ class KDFramework(Framework):
             train_loss=loss, num_samples=len(ctx.data.clients[cid]),
             client_flops=train_flops + public_flops + kd_flops,
             client_flops_train=train_flops, client_flops_public=public_flops, client_flops_kd=kd_flops,
-            **attacks.mark(cfg, cid),
+            **attacks.mark(cfg, cid), **(dp.record() if dp else {}),
         )
-        # b3: upload the compressed outputs; keep the local model for the next round
-        return ClientResult(Message(encode_outputs(outputs, cfg.kd)), {"tunable": models.get_tunable(ctx.model)}, metrics)
+        # b3: upload the compressed outputs; keep the local model (and the accountant) for the next round
+        kept = dp_sgd.keep(dp, {"tunable": models.get_tunable(ctx.model)})
+        return ClientResult(Message(encode_outputs(outputs, cfg.kd)), kept, metrics)
 
     # ---- checkpointing
     def state_dict(self):

@@ -25,7 +25,7 @@ from ..data import Batch
 from ..errors import FedtuneError
 from ..wire import Message, serialize
 from ..model_cut import CutModel
-from ..privacy import attacks
+from ..privacy import attacks, dp_sgd
 from ..training import make_optimizer, seeded
 from .base import ClientResult, Context, Framework
 
@@ -93,9 +93,9 @@ class SplitFramework(Framework):
         return reply
 
     def aggregate(self, rnd, results):  # cc2
-        self.aggregate_tunable(results)
+        record = self.aggregate_tunable(results)
         meter, self.server_meter = self.server_meter, dict.fromkeys(self.server_meter, 0)
-        return meter
+        return {**meter, **record}
 
     # ---- client side
     def fit(self, rnd, cid, msg, state, link):
@@ -104,6 +104,8 @@ class SplitFramework(Framework):
         ctx, split, train = self.ctx, self.split, self.cfg.train
         models.set_tunable(split.client, msg.tensors)  # cc4
         optimizer = make_optimizer(split.client, train)
+        dp = dp_sgd.for_client(self.cfg, len(ctx.data.clients[cid]), state)
+        params = [p for p in split.client.parameters() if p.requires_grad]
         client_blocks = range(0, split.layer)
         flops, step, samples = 0, 0, 0
         for epoch in range(train.local_epochs):
@@ -120,8 +122,11 @@ class SplitFramework(Framework):
                 if f"{ACT}index" in up:
                     grad = torch.zeros_like(packed).scatter_(-1, up[f"{ACT}index"].long(), grad)
                 optimizer.zero_grad(set_to_none=True)
-                packed.backward(grad)  # c5
-                if train.max_grad_norm:
+                if dp is not None:  # c5 as DP-SGD: one backward per example
+                    dp.step(params, self.example_grads(packed, grad, batch.attention_mask, params))
+                else:
+                    packed.backward(grad)  # c5
+                if train.max_grad_norm and dp is None:
                     torch.nn.utils.clip_grad_norm_(split.client.parameters(), train.max_grad_norm)
                 optimizer.step()
                 losses.append(reply.meta["loss"])
@@ -138,9 +143,21 @@ class SplitFramework(Framework):
             "batches": step,
             "adapter_bytes_up": len(serialize(up_msg)),
             "adapter_bytes_down": len(serialize(msg)),
-            **attacks.mark(self.cfg, cid),
+            **attacks.mark(self.cfg, cid), **(dp.record() if dp else {}),
         }
-        return ClientResult(up_msg, None, metrics)
+        return ClientResult(up_msg, dp_sgd.keep(dp, None), metrics)
+
+    @staticmethod
+    def example_grads(packed, grad, mask, params):
+        """Each example's gradient of the client part: the returned gradient is that of the
+        batch's mean loss, so an example's own share, times the batch size, is its loss's."""
+        counts = mask.sum(1).tolist()  # packed rows are the real tokens, example after example
+        start = 0
+        for count in counts:
+            own = torch.zeros_like(grad)
+            own[start:start + count] = grad[start:start + count] * len(counts)
+            start += count
+            yield torch.autograd.grad(packed, params, own, retain_graph=True, allow_unused=True)
 
     # ---- checkpointing and the final model
     def tunable_module(self):
