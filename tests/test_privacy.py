@@ -176,3 +176,31 @@ def test_bad_privacy_values_are_one_line_errors(overrides, message):
     with pytest.raises(FedtuneError, match=message) as err:
         tiny_config(None, **overrides)
     assert "\n" not in str(err.value)
+
+
+def test_output_noise_clips_each_example_and_adds_noise():
+    from fedtune.privacy.outputs import clip_and_noise
+
+    x = torch.arange(1.0, 13.0).reshape(6, 2)
+    out = clip_and_noise(x, [2, 4], clip=1.0, noise_multiplier=0.0)
+    assert out[:2].norm().item() == pytest.approx(1.0) and out[2:].norm().item() == pytest.approx(1.0)
+    assert torch.allclose(out[:2] / out[:2].norm(), x[:2] / x[:2].norm())  # scaled, not reshaped
+    torch.manual_seed(0)
+    noisy = clip_and_noise(torch.zeros(200, 100), [1] * 200, clip=2.0, noise_multiplier=0.5)
+    assert noisy.std().item() == pytest.approx(1.0, rel=0.03)
+
+
+@pytest.mark.parametrize("framework", ["split", "kd"])
+def test_noised_sends_report_their_epsilon(tmp_path, framework):
+    cfg = tiny_config(tmp_path, framework=framework, privacy__output_noise_multiplier=2.0, privacy__output_clip=1.0,
+                      fed__rounds=1, data__private_size=48, data__public_size=16, data__test_size=16,
+                      split__split_layer=1, kd__client_eval_size=0)
+    _, rundir = run_tiny(cfg)
+    rec = next(r for r in records(rundir) if r["client"] == 0)
+    # one release per epoch (split) or round (kd), replacement sensitivity 2 x clip (x sqrt(rows) for kd)
+    sigma = 2.0 / 2 if framework == "split" else 2.0 / (2 * math.sqrt(16))
+    acct = Accountant()
+    acct.step(sigma, 1.0)
+    assert rec["output_epsilon"] == pytest.approx(acct.epsilon(1 / 16)) and rec["output_delta"] == 1 / 16
+    with pytest.raises(FedtuneError, match="fedavg sends weights"):
+        tiny_config(None, privacy__output_noise_multiplier=1.0)

@@ -139,6 +139,9 @@ class PrivacyConfig:
     central_dp: bool = False  # client-level DP-FedAvg at the server
     update_clip: float = 1.0  # each client's update (state - global) L2 bound
     update_noise_multiplier: float = 1.0  # noise std on the sum / update_clip; target_epsilon calibrates it too
+    # What kd and split send (public-set logits, activations at the cut): clipped and noised; 0 = off.
+    output_noise_multiplier: float = 0.0
+    output_clip: float = 1.0  # L2 bound of one example's activations (split) or one public row's logits (kd)
 
 
 @dataclass
@@ -396,16 +399,21 @@ def _validate_privacy(cfg: RunConfig) -> None:
     if f.krum_f < 0 or (f.strategy in ("krum", "multikrum") and sampled < 2 * f.krum_f + 3):
         raise FedtuneError(f"fed.strategy={f.strategy} with fed.krum_f={f.krum_f} needs >= {2 * f.krum_f + 3} "
                            f"sampled clients (2f+3); got {sampled}")
-    for key, value in (("privacy.clip", p.clip), ("privacy.update_clip", p.update_clip)):
+    for key, value in (("privacy.clip", p.clip), ("privacy.update_clip", p.update_clip),
+                       ("privacy.output_clip", p.output_clip)):
         if not value > 0:
             raise FedtuneError(f"{key} must be > 0 (an L2 bound); got {value}")
     for key, value in (("privacy.noise_multiplier", p.noise_multiplier),
                        ("privacy.update_noise_multiplier", p.update_noise_multiplier),
-                       ("privacy.target_epsilon", p.target_epsilon)):
+                       ("privacy.target_epsilon", p.target_epsilon),
+                       ("privacy.output_noise_multiplier", p.output_noise_multiplier)):
         if value < 0:
             raise FedtuneError(f"{key} must be >= 0; got {value}")
     if not 0.0 <= p.delta < 1.0:
         raise FedtuneError(f"privacy.delta must be in [0, 1) (0 = 1/n); got {p.delta}")
+    if p.output_noise_multiplier and cfg.framework == "fedavg":
+        raise FedtuneError("privacy.output_noise_multiplier noises what kd and split send; fedavg sends weights "
+                           "(use privacy.dp_sgd or privacy.central_dp)")
     if p.central_dp and cfg.framework == "kd":
         raise FedtuneError("privacy.central_dp bounds uploaded weight updates; kd uploads outputs (use privacy.dp_sgd)")
 

@@ -28,6 +28,7 @@ from ..compression import dequantize, quantize, topk_decode_distribution, topk_e
 from ..config import KDConfig
 from ..errors import FedtuneError
 from ..privacy import attacks, dp_sgd
+from ..privacy import outputs as privacy_outputs
 from ..wire import Message
 from ..training import derive_seed, make_optimizer, seeded, train_pass
 from .base import ClientResult, Context, Framework
@@ -214,6 +215,7 @@ class KDFramework(Framework):
         ctx, cfg = self.ctx, self.cfg
         models.set_tunable(ctx.model, state["tunable"] if state else self.init_state)
         dp = dp_sgd.for_client(cfg, len(ctx.data.clients[cid]), state)
+        odp = privacy_outputs.for_client(cfg, len(ctx.data.clients[cid]), state)
         metrics: dict = {}
         kd_flops = 0
         if msg.tensors:  # b8: align the local model with the global knowledge
@@ -223,6 +225,8 @@ class KDFramework(Framework):
                 teacher, keep, cfg.kd.client_kd_epochs, cfg.train.lr, cfg.train.head_lr, "client-kd", rnd, cid, dp=dp)
         loss, train_flops = self.local_train(rnd, cid, dp=dp)  # b1
         outputs, public_flops = self.public_outputs()  # b2
+        if odp:
+            outputs = odp.outputs(outputs)
         if cfg.kd.client_eval_size:  # the client's own model, not counted as protocol compute
             ev = ctx.task.evaluate(ctx.model, ctx.test_batches(limit=cfg.kd.client_eval_size), ctx.device)
             metrics["client_test_accuracy"] = ev["accuracy"]
@@ -230,10 +234,10 @@ class KDFramework(Framework):
             train_loss=loss, num_samples=len(ctx.data.clients[cid]),
             client_flops=train_flops + public_flops + kd_flops,
             client_flops_train=train_flops, client_flops_public=public_flops, client_flops_kd=kd_flops,
-            **attacks.mark(cfg, cid), **(dp.record() if dp else {}),
+            **attacks.mark(cfg, cid), **(dp.record() if dp else {}), **(odp.record() if odp else {}),
         )
         # b3: upload the compressed outputs; keep the local model (and the accountant) for the next round
-        kept = dp_sgd.keep(dp, {"tunable": models.get_tunable(ctx.model)})
+        kept = privacy_outputs.keep(odp, dp_sgd.keep(dp, {"tunable": models.get_tunable(ctx.model)}))
         return ClientResult(Message(encode_outputs(outputs, cfg.kd)), kept, metrics)
 
     # ---- checkpointing

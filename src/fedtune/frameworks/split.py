@@ -25,7 +25,7 @@ from ..data import Batch
 from ..errors import FedtuneError
 from ..wire import Message, serialize
 from ..model_cut import CutModel
-from ..privacy import attacks, dp_sgd
+from ..privacy import attacks, dp_sgd, outputs
 from ..training import make_optimizer, seeded
 from .base import ClientResult, Context, Framework
 
@@ -105,6 +105,7 @@ class SplitFramework(Framework):
         models.set_tunable(split.client, msg.tensors)  # cc4
         optimizer = make_optimizer(split.client, train)
         dp = dp_sgd.for_client(self.cfg, len(ctx.data.clients[cid]), state)
+        odp = outputs.for_client(self.cfg, len(ctx.data.clients[cid]), state)
         params = [p for p in split.client.parameters() if p.requires_grad]
         client_blocks = range(0, split.layer)
         flops, step, samples = 0, 0, 0
@@ -115,7 +116,8 @@ class SplitFramework(Framework):
                 batch = batch.to(ctx.device)
                 split.client.train()
                 packed = split.client_forward(batch.input_ids, batch.attention_mask)  # c1
-                up = self.encode_activations(packed.detach())
+                sent = odp.activations(packed, batch.attention_mask) if odp else packed.detach()
+                up = self.encode_activations(sent)
                 up.update(mask=batch.attention_mask.bool(), labels=batch.labels)
                 reply = link.exchange(Message(up, {"step": step}))  # c2 ... c4
                 grad = compression.dequantize(reply.tensors, GRAD).to(ctx.device)
@@ -135,6 +137,8 @@ class SplitFramework(Framework):
                 if ctx.on_step:
                     ctx.on_step(len(losses), len(batches))
             samples = max(samples, sum(len(b.index) for b in batches))
+        if odp:
+            odp.account_epochs(train.local_epochs)
         up_msg = Message(attacks.poison(self.cfg, cid, msg.tensors, models.get_tunable(split.client)))  # cc1
         metrics = {
             "train_loss": sum(losses) / max(len(losses), 1),
@@ -143,9 +147,9 @@ class SplitFramework(Framework):
             "batches": step,
             "adapter_bytes_up": len(serialize(up_msg)),
             "adapter_bytes_down": len(serialize(msg)),
-            **attacks.mark(self.cfg, cid), **(dp.record() if dp else {}),
+            **attacks.mark(self.cfg, cid), **(dp.record() if dp else {}), **(odp.record() if odp else {}),
         }
-        return ClientResult(up_msg, dp_sgd.keep(dp, None), metrics)
+        return ClientResult(up_msg, outputs.keep(odp, dp_sgd.keep(dp, None)), metrics)
 
     @staticmethod
     def example_grads(packed, grad, mask, params):
