@@ -204,3 +204,20 @@ def test_noised_sends_report_their_epsilon(tmp_path, framework):
     assert rec["output_epsilon"] == pytest.approx(acct.epsilon(1 / 16)) and rec["output_delta"] == 1 / 16
     with pytest.raises(FedtuneError, match="fedavg sends weights"):
         tiny_config(None, privacy__output_noise_multiplier=1.0)
+
+
+def test_split_example_gradients_sum_to_the_batch_gradient(ctx):
+    from fedtune.frameworks.split import SplitFramework
+    from fedtune.model_cut import CutModel
+
+    split = CutModel(ctx.model, 1)
+    params = [p for p in split.client.parameters() if p.requires_grad]
+    batch = ctx.client_batches(1, 0)[0]
+    packed = split.client_forward(batch.input_ids, batch.attention_mask)
+    grad = torch.randn(packed.shape, generator=torch.Generator().manual_seed(0))
+    whole = torch.autograd.grad(packed, params, grad, retain_graph=True, allow_unused=True)
+    each = list(SplitFramework.example_grads(packed, grad, batch.attention_mask, params))
+    assert len(each) == len(batch.labels)
+    for i, w in enumerate(whole):
+        if w is not None:
+            assert torch.allclose(sum(e[i] for e in each) / len(each), w, atol=1e-6)
