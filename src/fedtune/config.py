@@ -99,6 +99,15 @@ class FedConfig:
     beta1: float = 0.9  # fedadam, fedyogi, fedadagrad (first moment)
     beta2: float = 0.99  # fedadam, fedyogi (second moment)
     tau: float = 1e-3  # fedadam, fedyogi, fedadagrad: adaptivity (added to sqrt(v))
+    # Robust strategies (docs/privacy.md): trimmed_mean drops this fraction at each end per coordinate,
+    # krum/multikrum assume up to krum_f Byzantine clients, norm_bound clips each update's L2 norm.
+    trim_fraction: float = 0.2
+    krum_f: int = 1
+    norm_bound: float = 1.0
+    # Simulated attackers: "" (none), sign_flip, scale, gaussian (model poisoning) or label_flip (data).
+    attack: str = ""
+    attack_scale: float = 10.0  # scale: the update's factor; gaussian: the noise's std in update RMS units
+    malicious_clients: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -176,6 +185,24 @@ class EvalConfig:
 
 
 @dataclass
+class PrivacyConfig:
+    """Differential privacy (docs/privacy.md). delta 0 = 1/n: n = a client's records for DP-SGD,
+    the number of clients for central DP."""
+
+    dp_sgd: bool = False  # record-level DP-SGD in every client's local training
+    clip: float = 1.0  # per-example gradient L2 bound
+    noise_multiplier: float = 1.0  # noise std / clip; ignored when target_epsilon > 0
+    target_epsilon: float = 0.0  # > 0: calibrate the noise so the run ends at this epsilon
+    delta: float = 0.0
+    central_dp: bool = False  # client-level DP-FedAvg at the server
+    update_clip: float = 1.0  # each client's update (state - global) L2 bound
+    update_noise_multiplier: float = 1.0  # noise std on the sum / update_clip; target_epsilon calibrates it too
+    # What kd and split send (public-set logits, activations at the cut): clipped and noised; 0 = off.
+    output_noise_multiplier: float = 0.0
+    output_clip: float = 1.0  # L2 bound of one example's activations (split) or one public row's logits (kd)
+
+
+@dataclass
 class RunConfig:
     framework: str = "fedavg"  # frameworks.FRAMEWORKS: "fedavg", "kd", "split" or "zo"
     runtime: str = "inprocess"  # runtimes.RUNTIMES: "inprocess", "flower-sim" or "flower"
@@ -191,6 +218,7 @@ class RunConfig:
     flower: FlowerConfig = field(default_factory=FlowerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     zo: ZOConfig = field(default_factory=ZOConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
 
 # Presets are overrides on top of the dataclass defaults (which are the demo setting).
@@ -422,6 +450,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_zo(cfg)
     _validate_strategy(cfg)
     _validate_peft(cfg)
+    _validate_privacy(cfg)
 
 
 def _validate_sft_and_gpu(cfg: RunConfig) -> None:
@@ -459,6 +488,13 @@ def _validate_zo(cfg: RunConfig) -> None:
 
 def _validate_strategy(cfg: RunConfig) -> None:
     f = cfg.fed
+    if cfg.privacy.dp_sgd and f.strategy == "scaffold":
+        # SCAFFOLD's client variate is built from raw local gradients: it would leak past DP-SGD.
+        raise FedtuneError("privacy.dp_sgd does not combine with fed.strategy=scaffold (its client variate "
+                           "comes from un-noised gradients)")
+    if cfg.privacy.dp_sgd and cfg.framework == "kd" and cfg.kd.client_kd_weight > 0:
+        raise FedtuneError("privacy.dp_sgd under kd needs kd.client_kd_weight=0 for now: the mixed private/public "
+                           "step has no per-example DP-SGD yet")
     if f.prox_mu < 0:
         raise FedtuneError(f"fed.prox_mu must be >= 0 (0 = no proximal term); got {f.prox_mu}")
     if f.server_lr <= 0:
@@ -523,6 +559,53 @@ def _validate_peft(cfg: RunConfig) -> None:
         raise FedtuneError("fed.prox_mu and fed.strategy=scaffold do not combine with heterogeneous or scheduled ranks")
     if cfg.fed.strategy == "flora" and cfg.fed.fraction < 1.0:
         raise FedtuneError("fed.strategy=flora needs fed.fraction=1: every client merges every round's stacked adapter")
+
+
+ATTACKS = ("sign_flip", "scale", "gaussian", "label_flip")
+
+
+def _validate_privacy(cfg: RunConfig) -> None:
+    """The privacy section and the robustness keys of fed (docs/privacy.md)."""
+    f, p = cfg.fed, cfg.privacy
+    if f.attack and f.attack not in ATTACKS:
+        raise FedtuneError(f"fed.attack must be empty or one of {', '.join(ATTACKS)}; got {f.attack!r}")
+    bad = [c for c in f.malicious_clients if not 0 <= c < f.clients]
+    if bad:
+        raise FedtuneError(f"fed.malicious_clients must be client ids in [0, {f.clients}); got {bad}")
+    if len(set(f.malicious_clients)) >= f.clients:
+        raise FedtuneError(f"fed.malicious_clients must name fewer clients than fed.clients={f.clients}; "
+                           f"got {len(set(f.malicious_clients))}")
+    if bool(f.attack) != bool(f.malicious_clients):
+        raise FedtuneError("fed.attack and fed.malicious_clients go together: set both or neither")
+    if f.attack in ("sign_flip", "scale", "gaussian") and cfg.framework == "kd":
+        raise FedtuneError(f"fed.attack={f.attack} poisons uploaded weights; kd uploads outputs: use label_flip")
+    if f.attack_scale <= 0:
+        raise FedtuneError(f"fed.attack_scale must be > 0; got {f.attack_scale}")
+    if not 0.0 <= f.trim_fraction < 0.5:
+        raise FedtuneError(f"fed.trim_fraction must be in [0, 0.5); got {f.trim_fraction}")
+    if f.norm_bound <= 0:
+        raise FedtuneError(f"fed.norm_bound must be > 0; got {f.norm_bound}")
+    sampled = max(1, round(f.fraction * f.clients))
+    if f.krum_f < 0 or (f.strategy in ("krum", "multikrum") and sampled < 2 * f.krum_f + 3):
+        raise FedtuneError(f"fed.strategy={f.strategy} with fed.krum_f={f.krum_f} needs >= {2 * f.krum_f + 3} "
+                           f"sampled clients (2f+3); got {sampled}")
+    for key, value in (("privacy.clip", p.clip), ("privacy.update_clip", p.update_clip),
+                       ("privacy.output_clip", p.output_clip)):
+        if not value > 0:
+            raise FedtuneError(f"{key} must be > 0 (an L2 bound); got {value}")
+    for key, value in (("privacy.noise_multiplier", p.noise_multiplier),
+                       ("privacy.update_noise_multiplier", p.update_noise_multiplier),
+                       ("privacy.target_epsilon", p.target_epsilon),
+                       ("privacy.output_noise_multiplier", p.output_noise_multiplier)):
+        if value < 0:
+            raise FedtuneError(f"{key} must be >= 0; got {value}")
+    if not 0.0 <= p.delta < 1.0:
+        raise FedtuneError(f"privacy.delta must be in [0, 1) (0 = 1/n); got {p.delta}")
+    if p.output_noise_multiplier and cfg.framework == "fedavg":
+        raise FedtuneError("privacy.output_noise_multiplier noises what kd and split send; fedavg sends weights "
+                           "(use privacy.dp_sgd or privacy.central_dp)")
+    if p.central_dp and cfg.framework == "kd":
+        raise FedtuneError("privacy.central_dp bounds uploaded weight updates; kd uploads outputs (use privacy.dp_sgd)")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

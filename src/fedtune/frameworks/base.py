@@ -31,6 +31,7 @@ from .. import strategies
 from ..strategies.base import LocalRule, LocalRules, split_extras, with_extras
 from ..strategies.prox import Proximal
 from ..metering import FlopModel
+from ..privacy import attacks, central_dp, dp_sgd
 from ..wire import Message
 from ..training import StepFn, autocast, derive_seed, train_pass
 
@@ -93,7 +94,8 @@ class Context:
     def client_batches(self, rnd: int, cid: int, epoch: int = 0, limit: int = 0):
         """The client's private rows for this round, shuffled by (seed, round, client, epoch)."""
         seed = derive_seed(self.cfg.seed, "shuffle", rnd, cid, epoch)
-        return self.batches(f"client{cid}", self.data.clients[cid].labels, self.cfg.train.batch_size, seed, limit)
+        labels = attacks.flip_labels(self.cfg, cid, self.data.clients[cid].labels, self.data.num_labels)
+        return self.batches(f"client{cid}", labels, self.cfg.train.batch_size, seed, limit)
 
     def test_batches(self, limit: int = 0):
         return self.batches("test", self.data.test.labels, self.cfg.train.eval_batch_size, limit=limit)
@@ -112,6 +114,7 @@ class Framework(ABC):
         self.cfg = ctx.cfg
         self.global_state: dict[str, torch.Tensor] = {}  # the global tunable parameters
         self.strategy = strategies.make(self.cfg)
+        self.central_dp = central_dp.make(self.cfg)  # None unless privacy.central_dp
 
     # ---- server side
     @abstractmethod
@@ -120,12 +123,18 @@ class Framework(ABC):
     @abstractmethod
     def aggregate(self, rnd: int, results: dict[int, tuple[Message, dict]]) -> dict[str, Any]: ...
 
-    def aggregate_tunable(self, results: dict[int, tuple[Message, dict]]) -> None:
+    def aggregate_tunable(self, results: dict[int, tuple[Message, dict]]) -> dict[str, Any]:
         """The strategy's next global state from the uploaded tunable states, weighted by samples
-        (the strategy first receives its own extra tensors, e.g. SCAFFOLD's variate deltas)."""
+        (the strategy first receives its own extra tensors, e.g. SCAFFOLD's variate deltas; under
+        privacy.central_dp the states are clipped and noised first) -> the server record's extras."""
         ups = [(split_extras(msg.tensors), metrics["num_samples"]) for msg, metrics in results.values()]
         self.strategy.receive([extras for (_, extras), _ in ups])
-        self.global_state = self.strategy.aggregate(self.global_state, [(t, w) for (t, _), w in ups])
+        updates = [(t, w) for (t, _), w in ups]
+        record: dict[str, Any] = {}
+        if self.central_dp:
+            updates, record = self.central_dp.privatize(self.global_state, updates)
+        self.global_state = self.strategy.aggregate(self.global_state, updates)
+        return record
 
     def down_message(self, cid: int) -> Message:
         """The global tunable state and whatever the strategy sends along (SCAFFOLD's c)."""
@@ -158,15 +167,22 @@ class Framework(ABC):
             rules.append(Proximal(params, tunable, self.cfg.fed.prox_mu))
         return tunable, LocalRules(r for r in rules if r is not None)
 
-    def local_train(self, rnd: int, cid: int, limit: int = 0, rule: LocalRule | None = None) -> tuple[float, int]:
+    def local_train(self, rnd: int, cid: int, limit: int = 0, rule: LocalRule | None = None,
+                    dp=None) -> tuple[float, int]:
         """The client's local epochs on its private rows -> (last epoch's mean loss, FLOPs).
-        A fresh optimizer each round: nothing but the tunable weights outlives a round."""
+        A fresh optimizer each round: nothing but the tunable weights outlives a round.
+        ``dp`` (privacy.dp_sgd.ClientDP): every step is a DP-SGD step."""
         ctx, loss, flops = self.ctx, 0.0, 0
         for epoch in range(self.cfg.train.local_epochs):
             batches = ctx.client_batches(rnd, cid, epoch, limit)
-            loss, f = train_pass(ctx.model, batches, self.cfg.train, ctx.device, ctx.flops, ctx.task.loss,
-                                 on_step=ctx.on_step, flop_fn=lambda b: ctx.task.flops(ctx.flops, b, True),
-                                 on_grad=rule.on_grad if rule else None)
+            flop_fn = lambda b: ctx.task.flops(ctx.flops, b, True)  # noqa: E731
+            on_grad = rule.on_grad if rule else None
+            if dp is None:
+                loss, f = train_pass(ctx.model, batches, self.cfg.train, ctx.device, ctx.flops, ctx.task.loss,
+                                     on_step=ctx.on_step, flop_fn=flop_fn, on_grad=on_grad)
+            else:
+                loss, f = dp_sgd.train_pass(ctx.model, batches, self.cfg.train, ctx.device, ctx.flops, ctx.task.loss,
+                                            dp, on_step=ctx.on_step, flop_fn=flop_fn, on_grad=on_grad)
             flops += f
         return loss, flops
 
@@ -181,8 +197,13 @@ class Framework(ABC):
         return self.ctx.model
 
     def state_dict(self) -> dict[str, Any]:
-        return {"global_state": self.global_state, "strategy": self.strategy.state_dict()}
+        state = {"global_state": self.global_state, "strategy": self.strategy.state_dict()}
+        if self.central_dp:
+            state["central_dp"] = self.central_dp.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.global_state = state["global_state"]
         self.strategy.load_state_dict(state["strategy"])
+        if self.central_dp:
+            self.central_dp.load_state_dict(state["central_dp"])

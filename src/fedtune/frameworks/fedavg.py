@@ -12,6 +12,7 @@ from __future__ import annotations
 from .. import models
 from ..strategies import lora
 from ..strategies.base import split_extras, with_extras
+from ..privacy import attacks, dp_sgd
 from ..wire import Message
 from .base import ClientResult, Context, Framework
 
@@ -51,18 +52,22 @@ class FedAvgFramework(Framework):
         tensors = lora.apply_merges(self.ctx.model, tunable)
         r = lora.rank(tensors)
         models.set_tunable(self.ctx.model, lora.fit_to(tensors, self.shapes))
-        loss, flops = self.local_train(rnd, cid, rule=rule)
-        metrics = {"train_loss": loss, "client_flops": flops, "num_samples": len(self.ctx.data.clients[cid])}
-        # a3: upload the fine-tuned tunable parameters, the client's own rank only
+        n = len(self.ctx.data.clients[cid])
+        dp = dp_sgd.for_client(self.cfg, n, state)
+        loss, flops = self.local_train(rnd, cid, rule=rule, dp=dp)
+        metrics = {"train_loss": loss, "client_flops": flops, "num_samples": n,
+                   **attacks.mark(self.cfg, cid), **(dp.record() if dp else {})}
+        # a3: upload the fine-tuned tunable parameters, the client's own rank only (rewritten if
+        # this client is a simulated attacker)
         up = models.get_tunable(self.ctx.model)
-        return ClientResult(Message(with_extras(lora.resize(up, r) if r else up, rule.upload())), rule.state(), metrics)
-
+        up = attacks.poison(self.cfg, cid, tensors, lora.resize(up, r) if r else up)
+        return ClientResult(Message(with_extras(up, rule.upload())), dp_sgd.keep(dp, rule.state()), metrics)
     def aggregate(self, rnd, results):  # a4: aggregate into the global parameters
         # the clients' tunable states, without what a strategy sent along (SCAFFOLD's variates)
         updates = [(split_extras(msg.tensors)[0], metrics["num_samples"]) for msg, metrics in results.values()]
         has_lora = bool(lora.pairs({**self.frozen, **updates[0][0]}))
         record = {"aggregation_error": lora.aggregation_error(updates, frozen=self.frozen)} if has_lora else {}
-        self.aggregate_tunable(results)
+        record.update(self.aggregate_tunable(results))
         if has_lora and isinstance(self.strategy, lora.RankStrategy):
             # The error of what this strategy built (0 for flora, the truncation for flexlora).
             record["aggregation_error_global"] = lora.aggregation_error(updates, self.global_state, self.frozen)

@@ -50,6 +50,8 @@ from .. import models
 from ..compression import dequantize, quantize, topk_decode_distribution, topk_encode
 from ..config import KDConfig
 from ..errors import FedtuneError
+from ..privacy import attacks
+from ..privacy import outputs as privacy_outputs
 from ..wire import Message
 from ..training import derive_seed, make_optimizer, seeded, train_pass
 from .base import ClientResult, Context, Framework
@@ -322,19 +324,24 @@ class KDFramework(Framework):
         ctx, cfg = self.ctx, self.cfg
         models.set_tunable(ctx.model, state["tunable"] if state else self.init_state)
         teacher = self.decode(msg.tensors) if msg.tensors and cfg.kd.client_kd_weight else None
+        odp = privacy_outputs.for_client(cfg, len(ctx.data.clients[cid]), state)
         metrics: dict = {}
         if teacher is not None and cfg.kd.client_eval_size:  # so a teacher that hurts shows
             metrics["client_test_accuracy_before"] = self.client_accuracy()
         metrics.update(self.client_train(rnd, cid, teacher))  # b8 + b1
         outputs, public_flops = self.public_outputs()  # b2
+        if odp:  # clipped and noised before they leave the client (privacy.output_noise_multiplier)
+            outputs = odp.outputs(outputs)
         if cfg.kd.client_eval_size:
             metrics["client_test_accuracy"] = self.client_accuracy()
         metrics.update(
             num_samples=len(ctx.data.clients[cid]), client_flops_public=public_flops,
             client_flops=metrics["client_flops_train"] + metrics["client_flops_kd"] + public_flops,
+            **attacks.mark(cfg, cid), **(odp.record() if odp else {}),
         )
-        # b3: upload the compressed outputs; keep the local model for the next round
-        return ClientResult(Message(encode_outputs(outputs, cfg.kd)), {"tunable": models.get_tunable(ctx.model)}, metrics)
+        # b3: upload the compressed outputs; keep the local model (and the accountant) for the next round
+        kept = privacy_outputs.keep(odp, {"tunable": models.get_tunable(ctx.model)})
+        return ClientResult(Message(encode_outputs(outputs, cfg.kd)), kept, metrics)
 
     # ---- checkpointing
     def state_dict(self):

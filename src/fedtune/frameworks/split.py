@@ -26,6 +26,7 @@ from ..data import Batch
 from ..errors import FedtuneError
 from ..wire import Message, serialize
 from ..model_cut import CutModel
+from ..privacy import attacks, dp_sgd, outputs
 from ..strategies.base import with_extras
 from ..training import autocast, make_optimizer, seeded
 from .base import ClientResult, Context, Framework
@@ -96,9 +97,9 @@ class SplitFramework(Framework):
         return reply
 
     def aggregate(self, rnd, results):  # cc2
-        self.aggregate_tunable(results)
+        record = self.aggregate_tunable(results)
         meter, self.server_meter = self.server_meter, dict.fromkeys(self.server_meter, 0)
-        return meter
+        return {**meter, **record}
 
     # ---- client side
     def fit(self, rnd, cid, msg, state, link):
@@ -108,6 +109,9 @@ class SplitFramework(Framework):
         tunable, rule = self.local_rule(msg, state)
         models.set_tunable(split.client, tunable)  # cc4
         optimizer = make_optimizer(split.client, train)
+        dp = dp_sgd.for_client(self.cfg, len(ctx.data.clients[cid]), state)
+        odp = outputs.for_client(self.cfg, len(ctx.data.clients[cid]), state)
+        params = [p for p in split.client.parameters() if p.requires_grad]
         client_blocks = range(0, split.layer)
         flops, step, samples = 0, 0, 0
         for epoch in range(train.local_epochs):
@@ -118,16 +122,21 @@ class SplitFramework(Framework):
                 split.client.train()
                 with autocast(train, ctx.device):
                     packed = split.client_forward(batch.input_ids, batch.attention_mask)  # c1
-                up = self.encode_activations(packed.detach())
-                up.update(mask=split.full_mask(batch.attention_mask).bool(), labels=batch.labels)
+                mask = split.full_mask(batch.attention_mask)
+                sent = odp.activations(packed, mask) if odp else packed.detach()
+                up = self.encode_activations(sent)
+                up.update(mask=mask.bool(), labels=batch.labels)
                 reply = link.exchange(Message(up, {"step": step}))  # c2 ... c4
                 grad = compression.dequantize(reply.tensors, GRAD).to(ctx.device)
                 if f"{ACT}index" in up:
                     grad = torch.zeros_like(packed).scatter_(-1, up[f"{ACT}index"].long(), grad)
                 optimizer.zero_grad(set_to_none=True)
-                packed.backward(grad.to(packed.dtype))  # c5
+                if dp is not None:  # c5 as DP-SGD: one backward per example
+                    dp.step(params, self.example_grads(packed, grad.to(packed.dtype), mask, params))
+                else:
+                    packed.backward(grad.to(packed.dtype))  # c5
                 rule.on_grad()
-                if train.max_grad_norm:
+                if train.max_grad_norm and dp is None:
                     torch.nn.utils.clip_grad_norm_(split.client.parameters(), train.max_grad_norm)
                 optimizer.step()
                 losses.append(reply.meta["loss"])
@@ -136,7 +145,10 @@ class SplitFramework(Framework):
                 if ctx.on_step:
                     ctx.on_step(len(losses), len(batches))
             samples = max(samples, sum(len(b.index) for b in batches))
-        up_msg = Message(with_extras(models.get_tunable(split.client), rule.upload()))  # cc1
+        if odp:
+            odp.account_epochs(train.local_epochs)
+        up = attacks.poison(self.cfg, cid, tunable, models.get_tunable(split.client))
+        up_msg = Message(with_extras(up, rule.upload()))  # cc1
         metrics = {
             "train_loss": sum(losses) / max(len(losses), 1),
             "client_flops": flops,
@@ -144,8 +156,21 @@ class SplitFramework(Framework):
             "batches": step,
             "adapter_bytes_up": len(serialize(up_msg)),
             "adapter_bytes_down": len(serialize(msg)),
+            **attacks.mark(self.cfg, cid), **(dp.record() if dp else {}), **(odp.record() if odp else {}),
         }
-        return ClientResult(up_msg, rule.state(), metrics)
+        return ClientResult(up_msg, outputs.keep(odp, dp_sgd.keep(dp, rule.state())), metrics)
+
+    @staticmethod
+    def example_grads(packed, grad, mask, params):
+        """Each example's gradient of the client part: the returned gradient is that of the
+        batch's mean loss, so an example's own share, times the batch size, is its loss's."""
+        counts = mask.sum(1).tolist()  # packed rows are the real tokens, example after example
+        start = 0
+        for count in counts:
+            own = torch.zeros_like(grad)
+            own[start:start + count] = grad[start:start + count] * len(counts)
+            start += count
+            yield torch.autograd.grad(packed, params, own, retain_graph=True, allow_unused=True)
 
     # ---- checkpointing and the final model
     def tunable_module(self):

@@ -15,6 +15,11 @@ STRATEGIES = Registry("fed.strategy", {
     "hetlora": "fedtune.strategies.hetlora:HetLoRA",
     "flexlora": "fedtune.strategies.flexlora:FlexLoRA",
     "flora": "fedtune.strategies.flora:FLoRA",
+    "median": "fedtune.strategies.median:Median",
+    "trimmed_mean": "fedtune.strategies.trimmed_mean:TrimmedMean",
+    "krum": "fedtune.strategies.krum:Krum",
+    "multikrum": "fedtune.strategies.krum:MultiKrum",
+    "norm_bound": "fedtune.strategies.norm_bound:NormBound",
 })
 
 

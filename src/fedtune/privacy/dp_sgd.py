@@ -1,0 +1,134 @@
+"""Record-level DP-SGD on each client (Abadi et al., 2016), ``privacy.dp_sgd``: every optimizer
+step a client takes on its tunable parameters uses the mean of per-example gradients, each
+clipped to L2 norm ``privacy.clip``, plus Gaussian noise of std noise_multiplier x clip on the
+sum; Opacus's RDP accountant counts each step at sampling rate batch_size / client rows.
+
+Per-example gradients come from one backward pass per example (no per-sample hooks), so any
+model, task and loss works unchanged; it costs about batch_size times a batched backward.
+Under kd the client's distillation steps on the public set are DP-SGD steps too and are
+counted at the same rate: they touch no private row, so this over-counts (an upper bound)."""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from ..data import Batch
+from ..training import make_optimizer
+from .accounting import Accountant, calibrate
+
+Grads = Sequence[torch.Tensor | None]
+
+
+def clip_example(grads: Grads, clip: float) -> list[torch.Tensor | None]:
+    """One example's gradients scaled together to L2 norm at most ``clip``."""
+    norm = torch.sqrt(sum(g.double().pow(2).sum() for g in grads if g is not None))
+    factor = min(1.0, clip / max(float(norm), 1e-12))
+    return [None if g is None else g * factor for g in grads]
+
+
+def example_grads(model: nn.Module, params: list[nn.Parameter], loss_fn, batch: Batch,
+                  losses: list[float]) -> Iterator[Grads]:
+    """Each example's own gradient (the loss of a one-row batch, cut to its real tokens:
+    padding is on the right)."""
+    for j in range(len(batch.labels)):
+        width = max(int(batch.attention_mask[j].sum()), 1)
+        row = Batch(batch.input_ids[j:j + 1, :width], batch.attention_mask[j:j + 1, :width],
+                    batch.labels[j:j + 1], batch.index[j:j + 1])
+        loss = loss_fn(model, row)
+        losses.append(loss.item())
+        yield torch.autograd.grad(loss, params, allow_unused=True)
+
+
+def planned_steps(cfg, n_records: int) -> int:
+    """The DP-SGD steps one client takes over the whole run if sampled every round: what
+    ``privacy.target_epsilon`` calibrates the noise for."""
+    per_epoch = lambda rows: math.ceil(rows / cfg.train.batch_size)  # noqa: E731
+    rows = min(cfg.split.samples_per_round or n_records, n_records) if cfg.framework == "split" else n_records
+    steps = cfg.fed.rounds * cfg.train.local_epochs * per_epoch(rows)
+    if cfg.framework == "kd":  # client distillation from round 2, when the first knowledge arrives
+        steps += (cfg.fed.rounds - 1) * cfg.kd.client_kd_epochs * per_epoch(cfg.data.public_size)
+    return steps
+
+
+calibrate_cached = functools.lru_cache(maxsize=64)(calibrate)
+
+
+class ClientDP:
+    """One client's DP-SGD: clip, noise multiplier, sampling rate, and its accountant (client
+    state: ``state_dict`` goes into ``ClientResult.state``)."""
+
+    def __init__(self, cfg, n_records: int, state: dict | None = None):
+        p = cfg.privacy
+        self.clip = p.clip
+        self.sample_rate = min(1.0, cfg.train.batch_size / n_records)
+        self.delta = p.delta or 1.0 / n_records
+        self.noise_multiplier = p.noise_multiplier
+        if p.target_epsilon:
+            self.noise_multiplier = calibrate_cached(p.target_epsilon, self.delta, self.sample_rate,
+                                                     planned_steps(cfg, n_records))
+        self.accountant = Accountant(state)
+
+    def step(self, params: list[nn.Parameter], grads: Iterable[Grads]) -> None:
+        """Set each ``p.grad`` to (sum of clipped example gradients + noise) / examples and
+        count one step. The noise comes from torch's global RNG, which the round loop seeds
+        per (run, round, client), so a resumed run draws the same noise."""
+        sums: list[torch.Tensor] = [torch.zeros_like(p) for p in params]
+        count = 0
+        for example in grads:
+            for s, g in zip(sums, clip_example(example, self.clip)):
+                if g is not None:
+                    s += g
+            count += 1
+        for p, s in zip(params, sums):
+            if self.noise_multiplier:
+                s += torch.randn_like(s) * (self.noise_multiplier * self.clip)
+            p.grad = s / max(count, 1)
+        self.accountant.step(self.noise_multiplier, self.sample_rate)
+
+    def record(self) -> dict:
+        return {"epsilon": self.accountant.epsilon(self.delta), "delta": self.delta,
+                "noise_multiplier": self.noise_multiplier, "dp_steps": self.accountant.steps}
+
+    def state_dict(self) -> dict:
+        return self.accountant.state_dict()
+
+
+def for_client(cfg, n_records: int, state: dict | None) -> ClientDP | None:
+    """The client's DP-SGD with the accountant it kept (None when privacy.dp_sgd is off)."""
+    if not cfg.privacy.dp_sgd:
+        return None
+    return ClientDP(cfg, n_records, (state or {}).get("dp"))
+
+
+def keep(dp: ClientDP | None, state: dict | None) -> dict | None:
+    """The client state to return: ``state`` plus the accountant."""
+    return state if dp is None else {**(state or {}), "dp": dp.state_dict()}
+
+
+def train_pass(model, batches, cfg, device, flops, loss_fn, dp: ClientDP, optimizer=None, on_step=None,
+               flop_fn=None, on_grad=None) -> tuple[float, int]:
+    """``training.train_pass`` with DP-SGD steps (train.max_grad_norm is replaced by the
+    per-example clip). ``on_grad`` (FedProx's term) acts on the privatized gradient: it reads no
+    private row, so the guarantee is unchanged."""
+    optimizer = optimizer or make_optimizer(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+    total_loss, total_flops = 0.0, 0
+    for i, batch in enumerate(batches):
+        batch = batch.to(device)
+        losses: list[float] = []
+        optimizer.zero_grad(set_to_none=True)
+        dp.step(params, example_grads(model, params, loss_fn, batch, losses))
+        if on_grad:
+            on_grad()
+        optimizer.step()
+        total_loss += sum(losses) / max(len(losses), 1)
+        total_flops += flop_fn(batch) if flop_fn else flops.count(*batch.shape, train=True)
+        if on_step:
+            on_step(i + 1, len(batches))
+    return total_loss / max(len(batches), 1), total_flops
