@@ -137,14 +137,16 @@ def test_central_dp_clips_each_update_and_noises_the_sum():
 def test_every_framework_reports_a_growing_epsilon(tmp_path, framework):
     cfg = tiny_config(tmp_path, framework=framework, privacy__dp_sgd=True, privacy__noise_multiplier=1.0,
                       data__private_size=48, data__public_size=16, data__test_size=16, split__split_layer=1,
-                      kd__client_eval_size=0)
+                      kd__client_eval_size=0, kd__client_kd_weight=0.0)
     _, rundir = run_tiny(cfg)
     by_client = [r for r in records(rundir) if r["client"] == 0]
     assert [r["round"] for r in by_client] == [1, 2]
     assert 0 < by_client[0]["epsilon"] < by_client[1]["epsilon"] < math.inf and by_client[0]["delta"] == 1 / 16
     local_steps = math.ceil(16 / 16)
-    # kd: round 2 adds the client's distillation steps on the 16 public rows
-    assert by_client[1]["dp_steps"] == 2 * local_steps + (1 if framework == "kd" else 0)
+    assert by_client[1]["dp_steps"] == 2 * local_steps
+    if framework == "kd":  # the mixed private/public step has no per-example DP-SGD yet
+        with pytest.raises(FedtuneError, match="kd.client_kd_weight=0"):
+            tiny_config(tmp_path, framework="kd", privacy__dp_sgd=True)
 
 
 def test_dp_and_attack_keys_resume_to_the_same_metrics(tmp_path):

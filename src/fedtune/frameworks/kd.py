@@ -50,7 +50,7 @@ from .. import models
 from ..compression import dequantize, quantize, topk_decode_distribution, topk_encode
 from ..config import KDConfig
 from ..errors import FedtuneError
-from ..privacy import attacks
+from ..privacy import attacks, dp_sgd
 from ..privacy import outputs as privacy_outputs
 from ..wire import Message
 from ..training import derive_seed, make_optimizer, seeded, train_pass
@@ -328,7 +328,12 @@ class KDFramework(Framework):
         metrics: dict = {}
         if teacher is not None and cfg.kd.client_eval_size:  # so a teacher that hurts shows
             metrics["client_test_accuracy_before"] = self.client_accuracy()
-        metrics.update(self.client_train(rnd, cid, teacher))  # b8 + b1
+        dp = dp_sgd.for_client(cfg, len(ctx.data.clients[cid]), state)
+        if dp is None:
+            metrics.update(self.client_train(rnd, cid, teacher))  # b8 + b1
+        else:  # config.validate holds kd.client_kd_weight = 0 here: b1 alone, as DP-SGD steps
+            loss, train_flops = self.local_train(rnd, cid, dp=dp)
+            metrics.update(train_loss=loss, client_flops_train=train_flops, client_flops_kd=0, **dp.record())
         outputs, public_flops = self.public_outputs()  # b2
         if odp:  # clipped and noised before they leave the client (privacy.output_noise_multiplier)
             outputs = odp.outputs(outputs)
@@ -340,7 +345,7 @@ class KDFramework(Framework):
             **attacks.mark(cfg, cid), **(odp.record() if odp else {}),
         )
         # b3: upload the compressed outputs; keep the local model (and the accountant) for the next round
-        kept = privacy_outputs.keep(odp, {"tunable": models.get_tunable(ctx.model)})
+        kept = privacy_outputs.keep(odp, dp_sgd.keep(dp, {"tunable": models.get_tunable(ctx.model)}))
         return ClientResult(Message(encode_outputs(outputs, cfg.kd)), kept, metrics)
 
     # ---- checkpointing
