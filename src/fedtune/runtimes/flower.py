@@ -171,7 +171,7 @@ class LocalFederation:
         name, port = f"supernode{partition}", free_port()
         self.ports.append(port)
         worker = self.sockets / f"{partition}.sock"
-        args = [compat.executable("flower-supernode"), "--superlink", f"127.0.0.1:{self.port}", "--port", str(port),
+        args = ["--superlink", f"127.0.0.1:{self.port}", "--port", str(port),
                 "--node-config", f"partition-id={partition} num-partitions={num_partitions}"
                                  + (f" {NODE_CONFIG_KEY}='{worker}'" if self.use_workers else ""),
                 "--max-retries", "0"]
@@ -181,7 +181,7 @@ class LocalFederation:
             if register:
                 self.flwr(["supernode", "register", str(public), CONNECTION])
             args += ["--auth-supernode-private-key", str(private)]
-        node = self.procs[name] = self._spawn(name, args)
+        node = self.procs[name] = self._spawn(name, compat.supernode_command(args))
         if self.use_workers:
             command = [sys.executable, "-m", "fedtune.runtimes.flower_worker", "--socket", str(worker)]
             self.workers.append(self._spawn(f"worker{partition}", command, group=node.pid))

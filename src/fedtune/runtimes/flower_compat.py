@@ -125,6 +125,30 @@ def environment(base: dict[str, str]) -> dict[str, str]:
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
 
 
+# flwr 1.41's SuperNode sleeps a fixed 3 s after each empty poll of the SuperLink, and 0.5 s
+# between looks for its ClientApp's reply: a round's messages wait up to 3.5 s on each node for
+# nothing. The SuperNodes fedtune starts itself poll at most this often instead.
+SUPERNODE_POLL_S = 0.25
+
+
+def supernode_command(args: list[str]) -> list[str]:
+    """The command that runs ``flower-supernode ARGS`` with the shorter poll."""
+    return [sys.executable, "-m", __name__, "supernode", *args]
+
+
+def _supernode(args: list[str]) -> None:
+    import time
+
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.cli import flower_supernode
+
+    fast = types.SimpleNamespace(**{k: getattr(time, k) for k in dir(time) if not k.startswith("_")})
+    fast.sleep = lambda seconds: time.sleep(min(seconds, SUPERNODE_POLL_S))
+    start_client_internal.time = fast  # the polling loop's module only
+    sys.argv = ["flower-supernode", *args]
+    flower_supernode()
+
+
 def run_id(log_text: str) -> str | None:
     """The run id in ``flwr run``'s output (it has no machine-readable form for a streamed run)."""
     m = re.search(r"Successfully started run (\d+)", log_text)
@@ -159,3 +183,9 @@ def processes_mentioning(marker: str) -> list[int]:
         if marker in cmd:
             pids.append(int(d.name))
     return pids
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] != ["supernode"]:
+        sys.exit("usage: python -m fedtune.runtimes.flower_compat supernode [flower-supernode options]")
+    _supernode(sys.argv[2:])
