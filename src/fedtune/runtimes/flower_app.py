@@ -121,7 +121,8 @@ def discover(grid: Grid, cfg) -> dict[int, int]:
             raise FedtuneError(f"only {len(list(grid.get_node_ids()))} of {cfg.fed.clients} SuperNodes connected "
                                f"within flower.wait_nodes_s={cfg.flower.wait_nodes_s:g}")
         time.sleep(0.2)
-    # The query carries the run's config so that a node's worker starts building the model now.
+    # The query carries the run's config: a node with a worker answers once its worker has built
+    # the run's model, so no round waits for a model to load.
     control = ConfigRecord({"config": json.dumps(_to_dict(cfg))})
     queries = {n: Message(RecordDict({CONTROL: control}), dst_node_id=n, message_type="query")
                for n in grid.get_node_ids()}
@@ -137,7 +138,8 @@ def discover(grid: Grid, cfg) -> dict[int, int]:
         nodes[cid] = node
     missing = sorted(set(range(cfg.fed.clients)) - set(nodes))
     if missing:
-        raise FedtuneError(f"no SuperNode answered for partition-id {missing}")
+        raise FedtuneError(f"no SuperNode answered for partition-id {missing} within "
+                           f"flower.wait_nodes_s={cfg.flower.wait_nodes_s:g} (see its log)")
     return nodes
 
 
@@ -193,7 +195,7 @@ def _query(msg: Message, context: Context) -> Message:
     if "partition-id" not in context.node_config:
         raise ValueError("this SuperNode has no partition-id: start it with --node-config 'partition-id=N'")
     worker = context.node_config.get(flower_worker.NODE_CONFIG_KEY)
-    if worker and CONTROL in msg.content.config_records:  # the worker loads the run's model meanwhile
+    if worker and CONTROL in msg.content.config_records:  # the worker loads the run's model first
         flower_worker.ask(str(worker), {"config": msg.content.config_records[CONTROL]["config"],
                                         "run": str(context.run_id)})
     return Message(RecordDict({CONTROL: ConfigRecord({"partition-id": int(context.node_config["partition-id"])})}),

@@ -119,10 +119,10 @@ def executable(name: str) -> str:
 def environment(base: dict[str, str]) -> dict[str, str]:
     """``base`` for Flower's processes: the SuperLink and SuperNodes start their SuperExec by name
     (``flower-superexec``), so the directory of Flower's commands goes first on PATH; a SuperExec
-    polls for a ClientApp to launch every 0.1 s instead of flwr's 1 s."""
+    polls for a ClientApp to launch every 0.2 s instead of flwr's 1 s."""
     bindir = str(Path(executable("flwr")).parent)
     return {**base, "PATH": os.pathsep.join([bindir, base.get("PATH", "")]),
-            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1"}
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
 
 
 # flwr 1.41's SuperNode sleeps a fixed 3 s after each empty poll of the SuperLink, and 0.5 s

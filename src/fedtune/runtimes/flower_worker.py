@@ -5,7 +5,7 @@ torch and build the model, every message would pay seconds (minutes for a 1-7B m
 deployment ClientApp (runtimes/flower_app.py) imports only flwr and numpy and hands the round to
 its node's worker: one long-lived process beside each SuperNode that keeps the model, data and
 framework of the run warm across messages and rounds, reached over a unix socket. The model is
-built once per run on each node (on the run's first message, a ``query``).
+built once per run on each node, on the run's first message (the server's ``query``).
 
 A SuperNode names its worker in its node config, ``fedtune-worker='/path/to.sock'``; one
 without a worker runs the round inside its ClientApp process (the simulation's ClientApps do:
@@ -162,10 +162,9 @@ def _recv(conn: Connection) -> tuple[dict, bytes, bytes | None]:
 
 def serve(path: str) -> None:
     """Answer rounds on ``path``, one at a time (the node's one model), until killed. A request
-    without a round (the run's first message, a ``query``) builds the run's model and answers
-    at once, so the model loads while the server is still discovering nodes."""
-    import torch  # noqa: F401 - imported now, not on the first message
-
+    without a round (the run's first message, the server's ``query``) builds the run's model
+    (importing torch the first time) before it is answered: the server starts round 1 once
+    every node is ready, and no round waits for a model to load."""
     from ..config import from_dict
 
     if os.path.exists(path):
@@ -184,12 +183,12 @@ def serve(path: str) -> None:
                 continue  # the ClientApp went away (its SuperNode stopped it)
             control = head["control"]
             try:
-                if "round" not in control:
-                    _send(conn, {}, b"", None)
+                if "round" in control:
+                    up, record, new_state = client_round(control, blob, state)
+                    reply = ({"record": record}, up, new_state)
+                else:  # the run's first message: load its model, then answer
                     _framework(from_dict(json.loads(control["config"])), control.get("run", ""))
-                    continue
-                up, record, new_state = client_round(control, blob, state)
-                reply = ({"record": record}, up, new_state)
+                    reply = ({}, b"", None)
             except Exception as exc:  # noqa: BLE001 - the server gets the error in the client's reply
                 traceback.print_exc()
                 reply = ({"error": f"{type(exc).__name__}: {exc}"}, b"", None)
