@@ -144,6 +144,40 @@ def test_deployment_clientapp_imports_no_torch():
     assert out.stdout.strip() == "[]"
 
 
+@pytest.mark.slow
+def test_worker_runs_rounds_as_the_clientapp_would(tmp_path):
+    """A node's warm worker (another process, over its unix socket) answers a client's rounds
+    with the very bytes and records the ClientApp computes in-process, carries the client's
+    state from round to round, reports a failed round as an error and keeps serving."""
+    from fedtune.config import to_dict
+    from fedtune.frameworks import get
+    from fedtune.runtimes import flower_worker
+
+    cfg = tiny_config(tmp_path, framework="kd", kd__client_eval_size=20, data__test_size=50)
+    sock = str(tmp_path / "w.sock")
+    worker = subprocess.Popen([sys.executable, "-m", "fedtune.runtimes.flower_worker", "--socket", sock])
+    try:
+        config = json.dumps(to_dict(cfg))
+        flower_worker.ask(sock, {"config": config, "run": "1"})  # the query: builds the model
+        assert os.stat(sock).st_mode & 0o777 == 0o600
+        server = get("kd")(flower_worker.shared_context(cfg))
+        state = {"here": None, "there": None}
+        for rnd in (1, 2):
+            control = {"config": config, "round": rnd, "client": 1}
+            down = serialize(server.configure(rnd, 1))
+            up, record, state["here"] = flower_worker.client_round(control, down, state["here"])
+            got, got_record, state["there"] = flower_worker.ask(sock, {**control, "run": "1"}, down, state["there"])
+            assert got == up and state["there"] is not None
+            assert {k: v for k, v in got_record.items() if k not in TIMING} == \
+                   {k: v for k, v in record.items() if k not in TIMING}
+            if rnd == 1:
+                with pytest.raises(RuntimeError, match="fedtune worker .*KeyError"):
+                    flower_worker.ask(sock, {"config": config, "round": 1, "run": "1"}, down)
+    finally:
+        worker.kill()
+        worker.wait()
+
+
 class Killed(Exception):
     pass
 
@@ -191,13 +225,13 @@ def test_flower_config_is_validated():
 def test_deployment_tls_auth_and_killed_client(tmp_path):
     """SuperLink + 3 SuperNodes on 127.0.0.1 with TLS and SuperNode authentication, 2 rounds
     of fedavg. An unregistered SuperNode is refused. SuperNode 2 is killed (SIGKILL, with its
-    ClientApp) as round 2 starts: the round closes with the others after fed.client_timeout_s
-    and the server record says who dropped. Nothing is left running afterwards."""
-    from fedtune.rundir import RunDir
+    ClientApp and worker) as round 2 starts: the round closes with the others after
+    fed.client_timeout_s and the server record says who dropped. Each node's worker built the
+    model once for the run. Nothing is left running afterwards."""
     from fedtune.runtimes.flower import LocalFederation, run_deployment
 
     cfg = tiny_config(tmp_path, runtime="flower", data__test_size=100, train__threads=1,
-                      fed__client_timeout_s=75, flower__wait_nodes_s=120)
+                      fed__client_timeout_s=120, flower__wait_nodes_s=300)
     rundir = RunDir.create(cfg)
     outcome: dict = {}
 
@@ -232,6 +266,8 @@ def test_deployment_tls_auth_and_killed_client(tmp_path):
     assert server[1]["clients"] == [0, 1, 2] and "dropped" not in server[1]
     assert server[2]["clients"] == [0, 1] and server[2]["dropped"] == [2]
     assert json.loads((rundir.path / "summary.json").read_text())["rounds"] == 2
+    logs = rundir.path / "flower"
+    assert [(logs / f"worker{c}.log").read_text().count("built tiny-gpt2") for c in range(3)] == [1, 1, 1]
     # The refused SuperNode's log says why.
     assert "failed to activate supernode" in (rundir.path / "flower" / "supernode3.log").read_text().lower()
     assert "no supernode found with the given public key" in (rundir.path / "flower" / "superlink.log").read_text().lower()
@@ -253,4 +289,4 @@ def test_deployment_split_matches_inprocess(tmp_path):
     _same_run(ref, ref_dir, summary, rundir)
     assert all(r["bytes_up_link"] > 0 for r in rundir.metrics.records() if r["client"] != "server")
     logs = rundir.path / "flower"
-    assert all("listening on" in (logs / f"worker{c}.log").read_text() for c in range(3))
+    assert [(logs / f"worker{c}.log").read_text().count("built tiny-gpt2") for c in range(3)] == [1, 1, 1]
