@@ -29,12 +29,13 @@ import split_channel  # noqa: E402
 
 JOB = {
     "model.name": "tiny-gpt2", "data.private_size": 300, "data.public_size": 100, "data.test_size": 100,
-    "data.max_labels": 4, "fed.clients": 3, "train.threads": 1,
+    "data.max_labels": 4, "fed.clients": 3, "train.threads": 1, "flower.wait_nodes_s": 600,
 }
 # One short round of SmolLM2: what matters is the cost per message, not learning.
 SMOL = {
     "model.name": "smollm2", "data.private_size": 24, "data.public_size": 8, "data.test_size": 16,
     "data.max_labels": 4, "data.max_length": 32, "fed.clients": 3, "fed.rounds": 1, "train.threads": 1,
+    "flower.wait_nodes_s": 600,
 }
 
 
