@@ -86,7 +86,8 @@ def main(argv=None) -> None:
         print(f"\nSmolLM2 deployment, one round: {SMOL}; seconds\n")
         print("| ClientApp | total wall | round | client round (median) | message overhead (median) |")
         print("|---|---:|---:|---:|---:|")
-        for label, workers in [("builds the model per message (before)", False), ("hands to the warm worker (after)", True)]:
+        for label, workers in [("builds the model per message (before)", False),
+                               ("hands to the warm worker (after)", True)]:
             r = one(SMOL, "flower", 1, tmp / f"smol-{workers}", workers)
             print(f"| {label} | {r['total']:.1f} | {r['rounds'][0]:.1f} | {r['client']:.2f} | {r['overhead']:.2f} |")
             sys.stdout.flush()

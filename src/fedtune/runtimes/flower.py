@@ -10,9 +10,10 @@ per actor.
 and ``fed.clients`` SuperNodes on 127.0.0.1 (TLS and SuperNode authentication on, throwaway
 certificates and keys), each with its warm worker (runtimes/flower_worker.py), and stops them
 after the run, whatever happens; else it submits the run to that SuperLink (docs/flower.md).
-What this needs from Flower beyond its public API is in runtimes/flower_compat.py. The app bundle fedtune submits is generated per run: a
-shim module naming runtimes/flower_app.py's apps, no dependencies (nothing is installed at run
-time: torch would pull CUDA builds), the run config in ``[tool.flwr.app.config]``.
+What this needs from Flower beyond its public API is in runtimes/flower_compat.py. The app
+bundle fedtune submits is generated per run: a shim module naming runtimes/flower_app.py's apps,
+no dependencies (nothing is installed at run time: torch would pull CUDA builds), the run config
+in ``[tool.flwr.app.config]``.
 """
 
 from __future__ import annotations
@@ -159,7 +160,8 @@ class LocalFederation:
             args.append("--enable-supernode-auth")
         proc = self.procs["superlink"] = self._spawn("superlink", [compat.executable(args[0]), *args[1:]])
         _wait_port(self.port, proc, self.logdir / "superlink.log")
-        compat.write_connection(self.home, CONNECTION, f"127.0.0.1:{self.port}", str(self.certs.ca_cert) if self.tls else "")
+        ca = str(self.certs.ca_cert) if self.tls else ""
+        compat.write_connection(self.home, CONNECTION, f"127.0.0.1:{self.port}", ca)
 
     def start_supernode(self, partition: int, num_partitions: int, register: bool = True) -> subprocess.Popen:
         """A SuperNode for client ``partition`` and its warm worker (runtimes/flower_worker.py), in

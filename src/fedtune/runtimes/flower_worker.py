@@ -82,7 +82,8 @@ def client_round(control: dict, blob: bytes, state: bytes | None) -> tuple[bytes
     fw = _framework(cfg, control.get("run", ""))
     channel = None
     if control.get("channel_address"):
-        info = ChannelInfo(control["channel_address"], control["channel_token"], control["channel_root"].encode() or None)
+        root = control["channel_root"].encode() or None
+        info = ChannelInfo(control["channel_address"], control["channel_token"], root)
         channel = ChannelClient(info, rnd, cid)
     try:
         reply = run_client(fw, rnd, cid, blob, state_from_bytes(state), MeteredLink(channel) if channel else None)
