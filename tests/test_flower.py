@@ -136,6 +136,22 @@ def test_flower_version_is_checked(monkeypatch):
         importlib.import_module("fedtune.runtimes.flower_compat")
 
 
+def test_flower_commands_are_found_beside_python_without_path(monkeypatch):
+    """`make test` runs .venv/bin/python without .venv/bin on PATH: Flower's commands are found
+    beside the interpreter, and the processes fedtune starts get their directory on PATH."""
+    from pathlib import Path
+
+    from fedtune.runtimes import flower_compat
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    bindir = Path(sys.executable).parent
+    assert flower_compat.executable("flwr") == str(bindir / "flwr")
+    assert flower_compat.environment({"PATH": "/usr/bin"})["PATH"].split(os.pathsep)[0] == str(bindir)
+    with pytest.raises(FedtuneError, match="^no-such-flower-command not found beside "):
+        flower_compat.executable("no-such-flower-command")
+    assert flower_compat.run_id("Using SuperLink: x\nSuccessfully started run 1234567\n") == "1234567"
+
+
 def test_deployment_clientapp_imports_no_torch():
     """A deployment ClientApp process (one per message) imports fedtune's app module, and that
     must not import torch: the round runs in the node's warm worker."""
