@@ -42,7 +42,9 @@ def _blob(content: RecordDict) -> bytes:
 
 class FlowerGrid:
     """The round loop's Grid over Flower's: each sampled client's blob goes to its SuperNode as
-    a ``train`` message; the loop waits at most fed.client_timeout_s for the replies."""
+    a ``train`` message; the loop waits at most fed.client_timeout_s for the replies. A framework
+    that talks per batch trains its clients one after another (its server part learns from each
+    batch, so the order of batches is the result)."""
 
     def __init__(self, grid: Grid, cfg):
         self.grid, self.cfg = grid, cfg
@@ -75,8 +77,13 @@ class FlowerGrid:
             if cid in restore:  # a resumed run: the node continues from the checkpointed state
                 content[STATE] = ConfigRecord({"state": flower_worker.state_to_bytes(restore[cid])})
             messages[cid] = Message(content, dst_node_id=self.nodes[cid], message_type="train")
-        errors, seconds = {}, {}
-        replies = exchange(self.grid, messages, self.cfg.fed.client_timeout_s or None, seconds)
+        errors, seconds, replies = {}, {}, {}
+        timeout = self.cfg.fed.client_timeout_s or None
+        if self.channel:  # one server part serves the clients in turn, in sampled order, as in-process
+            for cid, message in messages.items():
+                replies.update(exchange(self.grid, {cid: message}, timeout, seconds))
+        else:
+            replies = exchange(self.grid, messages, timeout, seconds)
         for cid in blobs:  # in sampled order, as in-process
             if cid not in replies:
                 continue
