@@ -1,13 +1,16 @@
-"""The Flower runtimes: parity with the in-process runtime (simulation), a TLS + SuperNode-
+"""The Flower runtimes: parity with the in-process runtime (simulation and deployment, split
+learning included), resume, the thread backend and the version fence, a TLS + SuperNode-
 authenticated deployment on 127.0.0.1 that survives a killed client, and the split channel."""
 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
+import importlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -22,6 +25,12 @@ from fedtune.wire import Message, deserialize, serialize  # noqa: E402
 from fedtune.runtimes.certs import make_tls  # noqa: E402
 from fedtune.runtimes.channel import ChannelClient, ChannelServer  # noqa: E402
 from fedtune.runtimes.rounds import MeteredLink  # noqa: E402
+from fedtune.console import Progress  # noqa: E402
+from fedtune.rundir import RunDir  # noqa: E402
+from fedtune.runtimes import run  # noqa: E402
+
+BYTES = ("bytes_up", "bytes_down", "bytes_up_link", "bytes_down_link")
+TIMING = {"client_seconds", "client_peak_mem_bytes", "server_seconds", "round_seconds", "message_seconds"}
 
 
 def _by_round(records):
@@ -68,26 +77,156 @@ def test_channel_tls_meters_bytes_and_refuses_strangers(tmp_path):
 # --------------------------------------------------------------------------- simulation
 
 
-FRAMEWORKS = ["fedavg"] + (["kd"] if importlib.util.find_spec("fedtune.frameworks.kd") else [])
+PARITY = {"fedavg": dict(fed__rounds=2), "kd": dict(fed__rounds=1),
+          "split": dict(fed__rounds=1, split__split_layer=1, data__private_size=60)}
 
 
-@pytest.mark.parametrize("framework", FRAMEWORKS)
-def test_simulation_matches_inprocess(tmp_path, framework):
-    """Deterministic: the same seed gives the same accuracy (to 1e-6) and the same bytes."""
-    rounds = 2 if framework == "fedavg" else 1
-    kw = dict(framework=framework, fed__rounds=rounds, data__test_size=100)
-    ref, ref_dir = run_tiny(tiny_config(tmp_path / "a", **kw))
-    sim, sim_dir = run_tiny(tiny_config(tmp_path / "b", runtime="flower-sim", **kw))
-    assert sim["rounds"] == rounds
-    assert abs(sim["final_test_accuracy"] - ref["final_test_accuracy"]) <= 1e-6
-    assert abs(sim["final_test_loss"] - ref["final_test_loss"]) <= 1e-6
-    a, b = _by_round(ref_dir.metrics.records()), _by_round(sim_dir.metrics.records())
+def _same_run(ref, ref_dir, other, other_dir):
+    """Same accuracy and loss to 1e-6, and every client record carries the same bytes."""
+    assert other["rounds"] == ref["rounds"]
+    assert abs(other["final_test_accuracy"] - ref["final_test_accuracy"]) <= 1e-6
+    assert abs(other["final_test_loss"] - ref["final_test_loss"]) <= 1e-6
+    a, b = _by_round(ref_dir.metrics.records()), _by_round(other_dir.metrics.records())
     assert a.keys() == b.keys()
     for key, rec in a.items():
         if key[1] != "server":
-            assert (b[key]["bytes_up"], b[key]["bytes_down"]) == (rec["bytes_up"], rec["bytes_down"]) > (0, 0)
+            assert {k: b[key].get(k) for k in BYTES} == {k: rec.get(k) for k in BYTES}
+            assert (rec["bytes_up"], rec["bytes_down"]) > (0, 0)
+
+
+@pytest.mark.parametrize("framework", sorted(PARITY))
+def test_simulation_matches_inprocess(tmp_path, framework):
+    """Deterministic: the same seed gives the same accuracy (to 1e-6) and the same bytes."""
+    kw = dict(framework=framework, data__test_size=100, **PARITY[framework])
+    ref, ref_dir = run_tiny(tiny_config(tmp_path / "a", **kw))
+    sim, sim_dir = run_tiny(tiny_config(tmp_path / "b", runtime="flower-sim", **kw))
+    _same_run(ref, ref_dir, sim, sim_dir)
     if framework == "fedavg":
         assert ref["final_test_accuracy"] > 0.3  # it learned (chance is 0.25)
+    if framework == "split":  # the per-batch traffic went over the channel, metered
+        assert all(r["bytes_up_link"] > 0 for r in sim_dir.metrics.records() if r["client"] != "server")
+
+
+def test_simulation_runs_clientapps_on_the_thread_backend(tmp_path, monkeypatch):
+    """Every message of a flower-sim run is processed by fedtune's ThreadBackend, in this
+    process, and Ray is never imported: no silent fallback to another backend."""
+    from fedtune.runtimes import flower_compat
+
+    calls = []
+    process = flower_compat.ThreadBackend.process_message
+
+    def spy(self, message, context):
+        calls.append((os.getpid(), threading.current_thread() is not threading.main_thread(),
+                      message.metadata.message_type))
+        return process(self, message, context)
+
+    monkeypatch.setattr(flower_compat.ThreadBackend, "process_message", spy)
+    run_tiny(tiny_config(tmp_path, runtime="flower-sim", fed__rounds=1, data__test_size=50))
+    assert sorted(calls) == [(os.getpid(), True, "query")] * 3 + [(os.getpid(), True, "train")] * 3
+    assert "ray" not in sys.modules
+
+
+def test_flower_version_is_checked(monkeypatch):
+    import flwr
+
+    monkeypatch.setattr(flwr, "__version__", "1.40.0")
+    monkeypatch.delitem(sys.modules, "fedtune.runtimes.flower_compat")
+    with pytest.raises(FedtuneError, match=r"^fedtune's Flower runtimes were written for flwr 1\.41\.0, "
+                                           r"found flwr 1\.40\.0: pip install 'flwr==1\.41\.0'$"):
+        importlib.import_module("fedtune.runtimes.flower_compat")
+
+
+def test_flower_commands_are_found_beside_python_without_path(monkeypatch):
+    """`make test` runs .venv/bin/python without .venv/bin on PATH: Flower's commands are found
+    beside the interpreter, and the processes fedtune starts get their directory on PATH."""
+    from pathlib import Path
+
+    from fedtune.runtimes import flower_compat
+
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    bindir = Path(sys.executable).parent
+    assert flower_compat.executable("flwr") == str(bindir / "flwr")
+    assert flower_compat.environment({"PATH": "/usr/bin"})["PATH"].split(os.pathsep)[0] == str(bindir)
+    with pytest.raises(FedtuneError, match="^no-such-flower-command not found beside "):
+        flower_compat.executable("no-such-flower-command")
+    assert flower_compat.run_id("Using SuperLink: x\nSuccessfully started run 1234567\n") == "1234567"
+
+
+def test_deployment_clientapp_imports_no_torch():
+    """A deployment ClientApp process (one per message) imports fedtune's app module, and that
+    must not import torch: the round runs in the node's warm worker."""
+    code = "import sys, fedtune.runtimes.flower_app; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.slow
+def test_worker_runs_rounds_as_the_clientapp_would(tmp_path):
+    """A node's warm worker (another process, over its unix socket) answers a client's rounds
+    with the very bytes and records the ClientApp computes in-process, carries the client's
+    state from round to round, reports a failed round as an error and keeps serving."""
+    from fedtune.config import to_dict
+    from fedtune.frameworks import get
+    from fedtune.runtimes import flower_worker
+
+    cfg = tiny_config(tmp_path, framework="kd", kd__client_eval_size=20, data__test_size=50)
+    sock = str(tmp_path / "w.sock")
+    worker = subprocess.Popen([sys.executable, "-m", "fedtune.runtimes.flower_worker", "--socket", sock])
+    try:
+        config = json.dumps(to_dict(cfg))
+        flower_worker.ask(sock, {"config": config, "run": "1"})  # the query: builds the model
+        assert os.stat(sock).st_mode & 0o777 == 0o600
+        server = get("kd")(flower_worker.shared_context(cfg))
+        state = {"here": None, "there": None}
+        for rnd in (1, 2):
+            control = {"config": config, "round": rnd, "client": 1}
+            down = serialize(server.configure(rnd, 1))
+            up, record, state["here"] = flower_worker.client_round(control, down, state["here"])
+            got, got_record, state["there"] = flower_worker.ask(sock, {**control, "run": "1"}, down, state["there"])
+            assert got == up and state["there"] is not None
+            assert {k: v for k, v in got_record.items() if k not in TIMING} == \
+                   {k: v for k, v in record.items() if k not in TIMING}
+            if rnd == 1:
+                with pytest.raises(RuntimeError, match="fedtune worker .*KeyError"):
+                    flower_worker.ask(sock, {"config": config, "round": 1, "run": "1"}, down)
+    finally:
+        worker.kill()
+        worker.wait()
+
+
+class Killed(Exception):
+    pass
+
+
+class KillIn(Progress):
+    """Stops the run as a kill would: in round ``rnd`` once ``after`` clients reported. (An
+    Exception, not KeyboardInterrupt: the ServerApp runs in a thread of Flower's simulation,
+    which hands an Exception back to the caller.)"""
+
+    def __init__(self, rnd, after):
+        self.rnd, self.after, self.done = rnd, after, 0
+
+    def client_done(self, rnd, cid, record):
+        self.done += rnd == self.rnd
+        if self.done == self.after:
+            raise Killed
+
+
+def test_simulation_resume_restores_kd_client_states(tmp_path):
+    """kd's clients keep their local model between rounds on their node. A flower-sim run
+    killed in round 2 and resumed ends with the same metrics as an uninterrupted one: the
+    checkpointed client states went back to the nodes."""
+    kw = dict(framework="kd", fed__rounds=3, kd__client_eval_size=50, data__test_size=100, runtime="flower-sim")
+    run_tiny(tiny_config(tmp_path / "a", **kw))
+    cut = tiny_config(tmp_path / "b", **kw)
+    rundir = RunDir.create(cut)
+    with pytest.raises(Killed):
+        run(cut, rundir, KillIn(rnd=2, after=1))
+    assert max(r["round"] for r in rundir.metrics.records()) == 2
+    reopened, cfg = RunDir.open(rundir.path)
+    run(cfg, reopened, resume=True)
+    strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING} for r in recs]  # noqa: E731
+    assert strip(reopened.metrics.records()) == strip(RunDir(tmp_path / "a" / "run").metrics.records())
 
 
 def test_flower_config_is_validated():
@@ -102,13 +241,13 @@ def test_flower_config_is_validated():
 def test_deployment_tls_auth_and_killed_client(tmp_path):
     """SuperLink + 3 SuperNodes on 127.0.0.1 with TLS and SuperNode authentication, 2 rounds
     of fedavg. An unregistered SuperNode is refused. SuperNode 2 is killed (SIGKILL, with its
-    ClientApp) as round 2 starts: the round closes with the others after fed.client_timeout_s
-    and the server record says who dropped. Nothing is left running afterwards."""
-    from fedtune.rundir import RunDir
+    ClientApp and worker) as round 2 starts: the round closes with the others after
+    fed.client_timeout_s and the server record says who dropped. Each node's worker built the
+    model once for the run. Nothing is left running afterwards."""
     from fedtune.runtimes.flower import LocalFederation, run_deployment
 
     cfg = tiny_config(tmp_path, runtime="flower", data__test_size=100, train__threads=1,
-                      fed__client_timeout_s=75, flower__wait_nodes_s=120)
+                      fed__client_timeout_s=120, flower__wait_nodes_s=300)
     rundir = RunDir.create(cfg)
     outcome: dict = {}
 
@@ -143,6 +282,27 @@ def test_deployment_tls_auth_and_killed_client(tmp_path):
     assert server[1]["clients"] == [0, 1, 2] and "dropped" not in server[1]
     assert server[2]["clients"] == [0, 1] and server[2]["dropped"] == [2]
     assert json.loads((rundir.path / "summary.json").read_text())["rounds"] == 2
+    logs = rundir.path / "flower"
+    assert [(logs / f"worker{c}.log").read_text().count("built tiny-gpt2") for c in range(3)] == [1, 1, 1]
     # The refused SuperNode's log says why.
     assert "failed to activate supernode" in (rundir.path / "flower" / "supernode3.log").read_text().lower()
     assert "no supernode found with the given public key" in (rundir.path / "flower" / "superlink.log").read_text().lower()
+
+
+@pytest.mark.slow
+def test_deployment_split_matches_inprocess(tmp_path):
+    """Split learning on a local deployment (SuperLink, SuperNodes, their warm workers): the
+    per-batch traffic goes over the split channel, and accuracy and every client record's
+    bytes equal the in-process run's. The workers are stopped with the federation."""
+    from fedtune.runtimes.flower import run_deployment
+
+    kw = dict(framework="split", split__split_layer=1, data__private_size=60, data__test_size=100, fed__rounds=2)
+    ref, ref_dir = run_tiny(tiny_config(tmp_path / "a", **kw))
+    cfg = tiny_config(tmp_path / "b", runtime="flower", flower__local_tls=False, flower__local_auth=False,
+                      flower__wait_nodes_s=300, **kw)
+    rundir = RunDir.create(cfg)
+    summary = run_deployment(cfg, rundir)
+    _same_run(ref, ref_dir, summary, rundir)
+    assert all(r["bytes_up_link"] > 0 for r in rundir.metrics.records() if r["client"] != "server")
+    logs = rundir.path / "flower"
+    assert [(logs / f"worker{c}.log").read_text().count("built tiny-gpt2") for c in range(3)] == [1, 1, 1]

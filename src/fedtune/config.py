@@ -161,7 +161,7 @@ class FlowerConfig:
     root_certificates: str = ""  # CA certificate (PEM) of the SuperLink's TLS; empty with superlink = insecure
     local_tls: bool = True  # local SuperLink: serve TLS with a throwaway CA
     local_auth: bool = True  # local SuperLink: SuperNode authentication, local SuperNodes registered
-    wait_nodes_s: float = 120.0  # how long the ServerApp waits for fed.clients SuperNodes to connect
+    wait_nodes_s: float = 120.0  # how long the ServerApp waits for fed.clients SuperNodes (and their workers' models)
     sim_backend: str = "thread"  # flower-sim: "thread" (ClientApps in this process) or "ray" (flwr[simulation])
     # Split learning's per-batch channel (runtimes/channel.py), served by the ServerApp.
     channel_bind: str = "127.0.0.1:0"  # port 0 = any free port

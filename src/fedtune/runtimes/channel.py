@@ -3,7 +3,7 @@
 Flower's message path costs ~0.1 s per exchange in simulation and seconds in deployment, so
 the per-batch traffic of split learning runs beside it, on one gRPC bidirectional stream per
 client and round: the client writes a blob, the server answers with one blob. The channel
-knows nothing about frameworks: it moves bytes (``runtimes.common.MeteredLink`` serializes and
+knows nothing about frameworks: it moves bytes (``runtimes.rounds.MeteredLink`` serializes and
 meters them), so whatever a framework's ``serve`` does, it works unchanged.
 
 Every stream carries metadata (round, client, a per-run token: only clients that received

@@ -8,19 +8,19 @@ per actor.
 
 ``flower``: the deployment engine. With ``flower.superlink`` empty, fedtune starts a SuperLink
 and ``fed.clients`` SuperNodes on 127.0.0.1 (TLS and SuperNode authentication on, throwaway
-certificates and keys) and stops them after the run, whatever happens; else it submits the run
-to that SuperLink (docs/flower.md). The app bundle fedtune submits is generated per run: a
-shim module naming runtimes/flower_app.py's apps, no dependencies (nothing is installed at run
-time: torch would pull CUDA builds), the run config in ``[tool.flwr.app.config]``.
+certificates and keys), each with its warm worker (runtimes/flower_worker.py), and stops them
+after the run, whatever happens; else it submits the run to that SuperLink (docs/flower.md).
+What this needs from Flower beyond its public API is in runtimes/flower_compat.py. The app
+bundle fedtune submits is generated per run: a shim module naming runtimes/flower_app.py's apps,
+no dependencies (nothing is installed at run time: torch would pull CUDA builds), the run config
+in ``[tool.flwr.app.config]``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
-import re
 import shutil
 import signal
 import socket
@@ -29,7 +29,6 @@ import sys
 import tempfile
 import threading
 import time
-import types
 from pathlib import Path
 
 import tomli_w
@@ -39,6 +38,7 @@ from ..errors import FedtuneError
 from ..console import Progress
 from ..rundir import SUMMARY, RunDir
 from . import flower_app
+from . import flower_compat as compat
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 CONNECTION = "fedtune"
@@ -58,6 +58,9 @@ def run_simulation(cfg, rundir: RunDir, progress: Progress | None = None, resume
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation as flwr_run_simulation
 
+    from .flower_worker import forget
+
+    forget()  # clients share the ServerApp's model: this run's, built from scratch
     result = {}
     app = ServerApp()
 
@@ -66,71 +69,12 @@ def run_simulation(cfg, rundir: RunDir, progress: Progress | None = None, resume
         result["summary"] = flower_app.run_server(grid, cfg, rundir, resume, progress)
 
     backend = cfg.flower.sim_backend
-    with _quiet_flower(), _thread_backend(backend == "thread"):
+    with compat.quiet(), compat.thread_backend() if backend == "thread" else contextlib.nullcontext():
         flwr_run_simulation(app, flower_app.client, num_supernodes=cfg.fed.clients, backend_name=backend,
                             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}})
     if "summary" not in result:
         raise FedtuneError("the Flower simulation ended without finishing the run (see the log above)")
     return result["summary"]
-
-
-class ThreadBackend:
-    """A Flower simulation backend that runs ClientApps one at a time in the engine's worker
-    thread. Flower 1.41 always asks for its Ray backend; ``_thread_backend`` answers this instead."""
-
-    def __init__(self, backend_config):
-        self.app_fn = None
-
-    def build(self, app_fn):
-        self.app_fn = app_fn
-
-    @property
-    def num_workers(self) -> int:
-        return 1  # the shared model serves one client at a time
-
-    def is_worker_idle(self) -> bool:
-        return True
-
-    def terminate(self) -> None:
-        pass
-
-    def process_message(self, message, context):
-        from flwr.clientapp.client_app import ClientAppException
-
-        try:
-            return self.app_fn()(message=message, context=context), context
-        except Exception as exc:  # reported to the ServerApp as an error reply, as Ray's backend does
-            raise ClientAppException(str(exc)) from exc
-
-
-@contextlib.contextmanager
-def _thread_backend(enabled: bool):
-    name = "flwr.server.superlink.fleet.vce.backend.raybackend"
-    if not enabled:
-        yield
-        return
-    saved = sys.modules.get(name)
-    stub = types.ModuleType(name)
-    stub.RayBackend = ThreadBackend
-    sys.modules[name] = stub
-    try:
-        yield
-    finally:
-        if saved is None:
-            sys.modules.pop(name, None)
-        else:
-            sys.modules[name] = saved
-
-
-@contextlib.contextmanager
-def _quiet_flower():
-    logger = logging.getLogger("flwr")
-    level = logger.level
-    logger.setLevel(logging.ERROR)  # not its per-message INFO lines nor run_simulation's deprecation
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 # =========================================================================== deployment
@@ -175,25 +119,29 @@ class LocalFederation:
     config (``FLWR_HOME``) whose ``fedtune`` connection points at the SuperLink. Use as a
     context manager: everything is stopped on exit, on an error and on Ctrl-C."""
 
-    def __init__(self, workdir: str | Path, logdir: str | Path, tls: bool = True, auth: bool = True):
+    def __init__(self, workdir: str | Path, logdir: str | Path, tls: bool = True, auth: bool = True,
+                 workers: bool = True):
         self.workdir, self.logdir = Path(workdir), Path(logdir)
         self.tls, self.auth = tls, auth
+        self.use_workers = workers  # False: each ClientApp process builds the model (benchmarks' "before")
         self.home = self.workdir / "flwr-home"
-        self.env = {**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
-                    "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+        self.env = compat.environment({**os.environ, "FLWR_HOME": str(self.home), "FLWR_TELEMETRY_ENABLED": "0",
+                                       "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"})
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = 0
         self.ports: list[int] = []  # every port a process of ours listens on or dials
+        self.workers: list[subprocess.Popen] = []  # one warm worker per SuperNode, in its process group
+        self.sockets = Path(tempfile.mkdtemp(prefix="fedtune-w-"))  # short: a unix socket path has <= 107 bytes
         self.certs = None
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen:
+    def _spawn(self, name: str, args: list[str], group: int = 0) -> subprocess.Popen:
+        """Start ``args`` logging to ``<logdir>/<name>.log``, leading a new process group (``group``
+        0) or joining ``group``: stop_process ends a group, Ctrl-C in a terminal reaches none."""
         self.logdir.mkdir(parents=True, exist_ok=True)
         log = open(self.logdir / f"{name}.log", "ab")
-        exe = shutil.which(args[0]) or args[0]
-        proc = subprocess.Popen([exe, *args[1:]], env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, process_group=group)
         log.close()
-        self.procs[name] = proc
         return proc
 
     def start_superlink(self) -> None:
@@ -210,19 +158,24 @@ class LocalFederation:
             args.append("--insecure")
         if self.auth:
             args.append("--enable-supernode-auth")
-        proc = self._spawn("superlink", args)
+        proc = self.procs["superlink"] = self._spawn("superlink", [compat.executable(args[0]), *args[1:]])
         _wait_port(self.port, proc, self.logdir / "superlink.log")
-        write_connection(self.home, f"127.0.0.1:{self.port}", str(self.certs.ca_cert) if self.tls else "")
+        ca = str(self.certs.ca_cert) if self.tls else ""
+        compat.write_connection(self.home, CONNECTION, f"127.0.0.1:{self.port}", ca)
 
     def start_supernode(self, partition: int, num_partitions: int, register: bool = True) -> subprocess.Popen:
-        """A SuperNode for client ``partition``; with authentication on, its key pair is made
-        and (if ``register``) registered with the SuperLink first."""
+        """A SuperNode for client ``partition`` and its warm worker (runtimes/flower_worker.py), in
+        one process group; with authentication on, the node's key pair is made and (if
+        ``register``) registered with the SuperLink first."""
         from .certs import make_node_keys
+        from .flower_worker import NODE_CONFIG_KEY
 
         name, port = f"supernode{partition}", free_port()
         self.ports.append(port)
-        args = ["flower-supernode", "--superlink", f"127.0.0.1:{self.port}", "--port", str(port),
-                "--node-config", f"partition-id={partition} num-partitions={num_partitions}",
+        worker = self.sockets / f"{partition}.sock"
+        args = ["--superlink", f"127.0.0.1:{self.port}", "--port", str(port),
+                "--node-config", f"partition-id={partition} num-partitions={num_partitions}"
+                                 + (f" {NODE_CONFIG_KEY}='{worker}'" if self.use_workers else ""),
                 "--max-retries", "0"]
         args += ["--root-certificates", str(self.certs.ca_cert)] if self.tls else ["--insecure"]
         if self.auth:
@@ -230,11 +183,15 @@ class LocalFederation:
             if register:
                 self.flwr(["supernode", "register", str(public), CONNECTION])
             args += ["--auth-supernode-private-key", str(private)]
-        return self._spawn(name, args)
+        node = self.procs[name] = self._spawn(name, compat.supernode_command(args))
+        if self.use_workers:
+            command = [sys.executable, "-m", "fedtune.runtimes.flower_worker", "--socket", str(worker)]
+            self.workers.append(self._spawn(f"worker{partition}", command, group=node.pid))
+        return node
 
     def flwr(self, args: list[str], timeout: float = 60.0) -> str:
         """Run the ``flwr`` CLI against this federation -> its output."""
-        exe = shutil.which("flwr") or "flwr"
+        exe = compat.executable("flwr")
         try:
             out = subprocess.run([exe, *args], env=self.env, capture_output=True, text=True, timeout=timeout,
                                  stdin=subprocess.DEVNULL)
@@ -245,51 +202,34 @@ class LocalFederation:
         return out.stdout
 
     def stop(self) -> None:
-        for name in reversed(list(self.procs)):  # SuperNodes first, the SuperLink last
+        for name in reversed(list(self.procs)):  # SuperNodes (and their workers) first, the SuperLink last
             stop_process(self.procs.pop(name))
+        for worker in self.workers:  # stopped with its SuperNode's group; reaped here
+            if worker.poll() is None:
+                worker.kill()
+            worker.wait()
+        self.workers.clear()
         # Flower starts helpers (SuperExec, ServerApp, ClientApps) that may outlive their group's
         # leader for a moment; each names the SuperLink's or its SuperNode's address.
         deadline = time.monotonic() + 10
         while (left := self.leftovers()) and time.monotonic() < deadline:
             time.sleep(0.2)
         for pid in left:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(self.sockets, ignore_errors=True)
 
     def leftovers(self) -> list[int]:
-        return sorted({pid for port in self.ports for pid in processes_mentioning(f"127.0.0.1:{port}")})
+        """Live processes of this federation: Flower's (they name our ports) and our workers
+        (they name their socket)."""
+        markers = [f"127.0.0.1:{port}" for port in self.ports] + [str(self.sockets)]
+        return sorted({pid for marker in markers for pid in compat.processes_mentioning(marker)})
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.stop()
-
-
-def processes_mentioning(marker: str) -> list[int]:
-    """Live (not zombie) processes whose command line contains ``marker``."""
-    pids = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit() or int(d.name) == os.getpid():
-            continue
-        try:
-            cmd = (d / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if marker in cmd:
-            pids.append(int(d.name))
-    return pids
-
-
-def write_connection(home: Path, address: str, root_certificates: str = "") -> None:
-    """The Flower CLI config (``$FLWR_HOME/config.toml``) with one connection, ``fedtune``."""
-    conn = {"address": address}
-    if root_certificates:
-        conn["root-certificates"] = str(Path(root_certificates).resolve())
-    else:
-        conn["insecure"] = True
-    home.mkdir(parents=True, exist_ok=True)
-    (home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
 
 
 def write_app(directory: Path, cfg, rundir: RunDir, resume: bool) -> Path:
@@ -336,9 +276,9 @@ def run_deployment(cfg, rundir: RunDir, progress: Progress | None = None, resume
             home = federation.home
         else:
             home = tmp / "flwr-home"
-            write_connection(home, cfg.flower.superlink, cfg.flower.root_certificates)
+            compat.write_connection(home, CONNECTION, cfg.flower.superlink, cfg.flower.root_certificates)
         app = write_app(tmp / "app", cfg, rundir, resume)
-        env = {**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"}
+        env = compat.environment({**os.environ, "FLWR_HOME": str(home), "FLWR_TELEMETRY_ENABLED": "0"})
         return _submit_and_follow(cfg, rundir, progress, app, env)
 
 
@@ -364,7 +304,7 @@ def _submit_and_follow(cfg, rundir: RunDir, progress: Progress, app: Path, env: 
     (rundir.path / SUMMARY).unlink(missing_ok=True)
     log_path = rundir.path / "flower" / "run.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    exe = shutil.which("flwr") or "flwr"
+    exe = compat.executable("flwr")
     wall = time.perf_counter()
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([exe, "run", str(app), CONNECTION, "--stream"], env=env, stdout=log,
@@ -375,8 +315,7 @@ def _submit_and_follow(cfg, rundir: RunDir, progress: Progress, app: Path, env: 
         while proc.poll() is None:
             time.sleep(0.5)
             if run_id is None:
-                m = re.search(r"Successfully started run (\d+)", log_path.read_text(errors="replace"))
-                run_id = m.group(1) if m else None
+                run_id = compat.run_id(log_path.read_text(errors="replace"))
             for rec in rundir.metrics.records()[seen:]:
                 seen += 1
                 if rec["client"] == "server":

@@ -6,40 +6,27 @@ client side runs ``rounds.run_client``. Each message carries the very blob the i
 What a message carries besides the blob (round, client id, the run config, the split
 channel's address) is control data, not counted, as in the in-process runtime.
 
-This module imports only flwr and numpy at import time: in deployment every message starts a
-fresh ClientApp process, and a ``query`` (who are you?) must not pay for importing torch.
+This module imports only flwr and numpy: in deployment every message starts a fresh ClientApp
+process, which hands the round to its node's warm worker (runtimes/flower_worker.py) and must
+not pay for importing torch. In simulation the ClientApp runs the round itself, in-process.
 """
 
 from __future__ import annotations
 
-import io
 import json
 import time
-from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from . import flower_compat  # noqa: F401 - the flwr version check, before any message moves
+from . import flower_worker
+
 BLOB, CONTROL, STATE = "blob", "control", "fedtune-state"
 # The keys of the app's run config (the generated FAB's [tool.flwr.app.config]).
 RUN_CONFIG, RUN_DIR, RUN_RESUME = "fedtune-config", "fedtune-rundir", "fedtune-resume"
-
-_contexts: dict[str, Any] = {}  # config JSON -> fedtune Context, one per process (see shared_context)
-
-
-def shared_context(cfg):
-    """One model and data per process and config. In simulation the ServerApp and every
-    ClientApp run in one process and share it, exactly as the in-process runtime does."""
-    from ..config import to_dict
-    from ..frameworks.base import Context as FedContext
-
-    key = json.dumps(to_dict(cfg), sort_keys=True)
-    if key not in _contexts:
-        _contexts.clear()  # a new run in this process: drop the previous run's model
-        _contexts[key] = FedContext.build(cfg)
-    return _contexts[key]
 
 
 def _blob_record(blob: bytes) -> ArrayRecord:
@@ -55,7 +42,9 @@ def _blob(content: RecordDict) -> bytes:
 
 class FlowerGrid:
     """The round loop's Grid over Flower's: each sampled client's blob goes to its SuperNode as
-    a ``train`` message; the loop waits at most fed.client_timeout_s for the replies."""
+    a ``train`` message; the loop waits at most fed.client_timeout_s for the replies. A framework
+    that talks per batch trains its clients one after another (its server part learns from each
+    batch, so the order of batches is the result)."""
 
     def __init__(self, grid: Grid, cfg):
         self.grid, self.cfg = grid, cfg
@@ -83,13 +72,18 @@ class FlowerGrid:
             if self.channel:
                 info = self.channel.info
                 control.update(channel_address=info.address, channel_token=info.token,
-                               channel_root=info.root_certificates or b"")
+                               channel_root=(info.root_certificates or b"").decode())
             content = RecordDict({BLOB: _blob_record(blob), CONTROL: ConfigRecord(control)})
             if cid in restore:  # a resumed run: the node continues from the checkpointed state
-                content[STATE] = ConfigRecord({"state": _state_bytes(restore[cid])})
+                content[STATE] = ConfigRecord({"state": flower_worker.state_to_bytes(restore[cid])})
             messages[cid] = Message(content, dst_node_id=self.nodes[cid], message_type="train")
-        errors = {}
-        replies = exchange(self.grid, messages, self.cfg.fed.client_timeout_s or None)
+        errors, seconds, replies = {}, {}, {}
+        timeout = self.cfg.fed.client_timeout_s or None
+        if self.channel:  # one server part serves the clients in turn, in sampled order, as in-process
+            for cid, message in messages.items():
+                replies.update(exchange(self.grid, {cid: message}, timeout, seconds))
+        else:
+            replies = exchange(self.grid, messages, timeout, seconds)
         for cid in blobs:  # in sampled order, as in-process
             if cid not in replies:
                 continue
@@ -99,8 +93,12 @@ class FlowerGrid:
             content = replies[cid].content
             state = None
             if STATE in content.config_records:
-                state = _state_from_bytes(content.config_records[STATE]["state"])
-            on_reply(cid, Reply(_blob(content), state, json.loads(content.config_records[CONTROL]["record"])))
+                state = flower_worker.state_from_bytes(content.config_records[STATE]["state"])
+            record = json.loads(content.config_records[CONTROL]["record"])
+            # What the message cost, as the server saw it: Flower's routing, the ClientApp's start
+            # and the client's round (client_seconds of it).
+            record["message_seconds"] = seconds[cid]
+            on_reply(cid, Reply(_blob(content), state, record))
         return errors
 
     def stop(self):
@@ -112,26 +110,11 @@ def run_server(grid: Grid, cfg, rundir, resume: bool = False, progress=None) -> 
     from ..frameworks import get
     from .rounds import run_rounds
 
-    ctx = shared_context(cfg)
+    ctx = flower_worker.shared_context(cfg)
     if progress is not None:
         ctx.on_step = progress.step
     fw = get(cfg.framework)(ctx)
     return run_rounds(fw, FlowerGrid(grid, cfg), rundir, progress, resume)
-
-
-def _state_bytes(state) -> bytes:
-    # A client's state for the server's checkpoint: control data, not protocol traffic.
-    import torch
-
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return buf.getvalue()
-
-
-def _state_from_bytes(blob: bytes):
-    import torch
-
-    return torch.load(io.BytesIO(blob), weights_only=False)
 
 
 def discover(grid: Grid, cfg) -> dict[int, int]:
@@ -145,7 +128,11 @@ def discover(grid: Grid, cfg) -> dict[int, int]:
             raise FedtuneError(f"only {len(list(grid.get_node_ids()))} of {cfg.fed.clients} SuperNodes connected "
                                f"within flower.wait_nodes_s={cfg.flower.wait_nodes_s:g}")
         time.sleep(0.2)
-    queries = {n: Message(RecordDict(), dst_node_id=n, message_type="query") for n in grid.get_node_ids()}
+    # The query carries the run's config: a node with a worker answers once its worker has built
+    # the run's model, so no round waits for a model to load.
+    control = ConfigRecord({"config": json.dumps(_to_dict(cfg))})
+    queries = {n: Message(RecordDict({CONTROL: control}), dst_node_id=n, message_type="query")
+               for n in grid.get_node_ids()}
     nodes: dict[int, int] = {}
     for node, reply in exchange(grid, queries, cfg.flower.wait_nodes_s).items():
         if reply.has_error():
@@ -158,22 +145,28 @@ def discover(grid: Grid, cfg) -> dict[int, int]:
         nodes[cid] = node
     missing = sorted(set(range(cfg.fed.clients)) - set(nodes))
     if missing:
-        raise FedtuneError(f"no SuperNode answered for partition-id {missing}")
+        raise FedtuneError(f"no SuperNode answered for partition-id {missing} within "
+                           f"flower.wait_nodes_s={cfg.flower.wait_nodes_s:g} (see its log)")
     return nodes
 
 
-def exchange(grid: Grid, messages: dict, timeout: float | None, poll_s: float = 0.1) -> dict:
+def exchange(grid: Grid, messages: dict, timeout: float | None, seconds: dict | None = None,
+             poll_s: float = 0.1) -> dict:
     """Grid.send_and_receive keyed: {key: message} -> {key: reply} for the replies that came
-    within ``timeout`` (None: all). Replies are matched by the id of the message they answer:
-    an error Flower generates (node unavailable) comes from the SuperLink, not the node. Polls
-    faster than the deployment Grid's 3 s."""
+    within ``timeout`` (None: all); ``seconds`` gets each reply's time since the push. Replies
+    are matched by the id of the message they answer: an error Flower generates (node
+    unavailable) comes from the SuperLink, not the node. Polls faster than the deployment
+    Grid's 3 s."""
+    start = time.monotonic()
     pushed = grid.push_messages(list(messages.values()))  # in order; None for one not pushed (= dropped)
     ids = {i: key for i, key in zip(pushed, messages) if i is not None}
-    end = time.monotonic() + timeout if timeout else float("inf")
+    end = start + timeout if timeout else float("inf")
     replies = {}
     while len(replies) < len(ids) and time.monotonic() < end:
         for reply in grid.pull_messages([i for i in ids if ids[i] not in replies]):
             replies[ids[reply.metadata.reply_to_message_id]] = reply
+            if seconds is not None:
+                seconds[ids[reply.metadata.reply_to_message_id]] = time.monotonic() - start
         if len(replies) < len(ids):
             time.sleep(poll_s)
     return replies
@@ -208,48 +201,33 @@ client = ClientApp()
 def _query(msg: Message, context: Context) -> Message:
     if "partition-id" not in context.node_config:
         raise ValueError("this SuperNode has no partition-id: start it with --node-config 'partition-id=N'")
+    worker = context.node_config.get(flower_worker.NODE_CONFIG_KEY)
+    if worker and CONTROL in msg.content.config_records:  # the worker loads the run's model first
+        flower_worker.ask(str(worker), {"config": msg.content.config_records[CONTROL]["config"],
+                                        "run": str(context.run_id)})
     return Message(RecordDict({CONTROL: ConfigRecord({"partition-id": int(context.node_config["partition-id"])})}),
                    reply_to=msg)
 
 
-_frameworks: dict[int, Any] = {}  # id(fedtune Context) -> client-side Framework
-
-
 @client.train()
 def _train(msg: Message, context: Context) -> Message:
-    from ..config import from_dict
-    from ..frameworks import get
-    from .channel import ChannelClient, ChannelInfo
-    from .rounds import MeteredLink, run_client
-
-    control = msg.content.config_records[CONTROL]
-    cfg = from_dict(json.loads(control["config"]))
-    rnd, cid = int(control["round"]), int(control["client"])
-    if int(context.node_config["partition-id"]) != cid:
-        raise ValueError(f"message for client {cid} reached partition-id {context.node_config['partition-id']}")
-    ctx = shared_context(cfg)
-    if id(ctx) not in _frameworks:
-        _frameworks.clear()
-        _frameworks[id(ctx)] = get(cfg.framework)(ctx)
-    fw = _frameworks[id(ctx)]
+    control = dict(msg.content.config_records[CONTROL])
+    if int(context.node_config["partition-id"]) != int(control["client"]):
+        raise ValueError(f"message for client {control['client']} reached partition-id "
+                         f"{context.node_config['partition-id']}")
     state = None
     if STATE in msg.content.config_records:  # a resumed run: the server's checkpointed state wins
-        state = _state_from_bytes(msg.content.config_records[STATE]["state"])
+        state = msg.content.config_records[STATE]["state"]
     elif STATE in context.state.config_records:  # what this client kept from its previous round
-        state = _state_from_bytes(context.state.config_records[STATE]["state"])
-    channel = None
-    if "channel_address" in control:
-        info = ChannelInfo(str(control["channel_address"]), str(control["channel_token"]),
-                           bytes(control["channel_root"]) or None)
-        channel = ChannelClient(info, rnd, cid)
-    try:
-        reply = run_client(fw, rnd, cid, _blob(msg.content), state, MeteredLink(channel) if channel else None)
-    finally:
-        if channel:
-            channel.close()
-    content = RecordDict({BLOB: _blob_record(reply.blob), CONTROL: ConfigRecord({"record": json.dumps(reply.record)})})
-    if reply.state is not None:
-        state_bytes = _state_bytes(reply.state)
-        context.state[STATE] = ConfigRecord({"state": state_bytes})
-        content[STATE] = ConfigRecord({"state": state_bytes})  # for the server's checkpoint
+        state = context.state.config_records[STATE]["state"]
+    worker = context.node_config.get(flower_worker.NODE_CONFIG_KEY)
+    if worker:
+        control["run"] = str(context.run_id)
+        up, record, state = flower_worker.ask(str(worker), control, _blob(msg.content), state)
+    else:
+        up, record, state = flower_worker.client_round(control, _blob(msg.content), state)
+    content = RecordDict({BLOB: _blob_record(up), CONTROL: ConfigRecord({"record": json.dumps(record)})})
+    if state is not None:
+        context.state[STATE] = ConfigRecord({"state": state})
+        content[STATE] = ConfigRecord({"state": state})  # for the server's checkpoint
     return Message(content, reply_to=msg)
