@@ -94,17 +94,7 @@ def _same_run(ref, ref_dir, other, other_dir):
             assert (rec["bytes_up"], rec["bytes_down"]) > (0, 0)
 
 
-@pytest.mark.parametrize("framework", sorted(PARITY))
-def test_simulation_matches_inprocess(tmp_path, framework):
-    """Deterministic: the same seed gives the same accuracy (to 1e-6) and the same bytes."""
-    kw = dict(framework=framework, data__test_size=100, **PARITY[framework])
-    ref, ref_dir = run_tiny(tiny_config(tmp_path / "a", **kw))
-    sim, sim_dir = run_tiny(tiny_config(tmp_path / "b", runtime="flower-sim", **kw))
-    _same_run(ref, ref_dir, sim, sim_dir)
-    if framework == "fedavg":
-        assert ref["final_test_accuracy"] > 0.3  # it learned (chance is 0.25)
-    if framework == "split":  # the per-batch traffic went over the channel, metered
-        assert all(r["bytes_up_link"] > 0 for r in sim_dir.metrics.records() if r["client"] != "server")
+# flower-sim == in-process for every framework: tests/test_frameworks.py (the battery).
 
 
 def test_simulation_runs_clientapps_on_the_thread_backend(tmp_path, monkeypatch):

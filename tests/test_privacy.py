@@ -21,7 +21,7 @@ from fedtune.strategies import STRATEGIES
 from fedtune.training import train_pass
 
 from conftest import run_tiny, tiny_config
-from test_fedavg import TIMING, KillAt
+from test_frameworks import TIMING, KillAt
 
 
 @pytest.fixture(scope="module")
