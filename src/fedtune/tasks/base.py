@@ -81,3 +81,40 @@ class Task:
             correct += int((wrong == 0).sum())
             examples += len(b.labels)
         return {"accuracy": correct / max(examples, 1), "loss": loss_sum / max(rows, 1)}
+
+
+class TailTask(Task):
+    """A causal LM task whose loss reads the predictions of each row's last ``tail_lengths``
+    real tokens (the answer of ``generate``, the response of ``sft``). The vocabulary projection
+    runs at those positions only (it dominates small models with a large vocabulary), and
+    ``flops`` counts exactly that."""
+
+    def tail_lengths(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def positions(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, position) of every logit that predicts a tail token (position + 1), row-major."""
+        n = self.tail_lengths(batch)
+        length = batch.attention_mask.sum(1)
+        rows = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)
+        first = torch.repeat_interleave(length - n - 1, n)
+        offset = torch.arange(len(rows), device=n.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+        return rows, first + offset
+
+    def outputs(self, model, batch):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        hidden = base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+        return self.from_hidden(model, hidden, batch)
+
+    def from_hidden(self, model, hidden, batch):
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        rows, pos = self.positions(batch)
+        return base.get_output_embeddings()(hidden[rows, pos])
+
+    def row_sample(self, batch):
+        return self.positions(batch)[0]
+
+    def flops(self, fm, batch, train, blocks=None):
+        tokens = int(self.tail_lengths(batch).sum())
+        body = fm.count(*batch.shape, train=train, blocks=blocks, head=False)
+        return body + fm.count(tokens, 1, train=train, blocks=range(0), head=True)

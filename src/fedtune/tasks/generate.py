@@ -9,10 +9,10 @@ from torch import nn
 
 from ..data import Batch, Rows
 from ..errors import FedtuneError
-from .base import Task
+from .base import TailTask
 
 
-class GenerateTask(Task):
+class GenerateTask(TailTask):
     name = "generate"
     PROMPT = "Query: {text}\nIntent:"
 
@@ -31,26 +31,8 @@ class GenerateTask(Task):
         # Truncate the prompt, never the answer.
         return [p[: self.max_length - len(self.answers[y])] + self.answers[y] for p, y in zip(prompts, rows.labels)]
 
-    def positions(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, position) of every logit that predicts an answer token (position + 1)."""
-        alen = self.answer_len.to(batch.labels.device)[batch.labels]
-        length = batch.attention_mask.sum(1)
-        rows = torch.repeat_interleave(torch.arange(len(alen), device=alen.device), alen)
-        first = torch.repeat_interleave(length - alen - 1, alen)
-        offset = torch.arange(len(rows), device=alen.device) - torch.repeat_interleave(torch.cumsum(alen, 0) - alen, alen)
-        return rows, first + offset
-
-    def outputs(self, model, batch):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        return self.from_hidden(model, hidden, batch)
-
-    def from_hidden(self, model, hidden, batch):
-        # The vocabulary projection is computed at the answer positions only (it dominates the
-        # cost of small models with a large vocabulary); ``flops`` counts exactly that.
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        rows, pos = self.positions(batch)
-        return base.get_output_embeddings()(hidden[rows, pos])
+    def tail_lengths(self, batch: Batch) -> torch.Tensor:
+        return self.answer_len.to(batch.labels.device)[batch.labels]
 
     def targets(self, batch):
         # The answer tokens follow from the labels alone (``encode`` appends them), so a split
@@ -59,16 +41,8 @@ class GenerateTask(Task):
         ids = self.answer_ids.to(batch.labels.device)[batch.labels]
         return ids[torch.arange(ids.shape[1], device=ids.device) < alen.unsqueeze(1)]
 
-    def row_sample(self, batch):
-        return self.positions(batch)[0]
-
     def rows_per_example(self, labels):
         return [len(self.answers[y]) for y in labels]
-
-    def flops(self, fm, batch, train, blocks=None):
-        answer_tokens = int(self.answer_len[batch.labels.cpu()].sum())
-        body = fm.count(*batch.shape, train=train, blocks=blocks, head=False)
-        return body + fm.count(answer_tokens, 1, train=train, blocks=range(0), head=True)
 
     @torch.no_grad()
     def decode(self, model: nn.Module, batch: Batch, device: torch.device) -> list[str]:

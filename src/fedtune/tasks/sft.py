@@ -29,7 +29,7 @@ from torch import nn
 from ..data import Batch
 from ..errors import FedtuneError
 from ..sft_data import SftRows, Turns
-from .base import Task
+from .base import TailTask
 
 log = logging.getLogger(__name__)
 IGNORE = -100
@@ -58,7 +58,7 @@ def final_number(text: str) -> str | None:
     return str(float(value)) if "." in value else str(int(value))
 
 
-class SftTask(Task):
+class SftTask(TailTask):
     name = "sft"
 
     def __init__(self, tokenizer, label_names: list[str], max_length: int):
@@ -99,39 +99,15 @@ class SftTask(Task):
     def response_len(self, labels: torch.Tensor) -> torch.Tensor:
         return (labels != IGNORE).sum(1)
 
-    def positions(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, position) of every logit that predicts a response token (position + 1)."""
-        n = self.response_len(batch.labels)
-        length = batch.attention_mask.sum(1)
-        rows = torch.repeat_interleave(torch.arange(len(n), device=n.device), n)
-        first = torch.repeat_interleave(length - n - 1, n)
-        offset = torch.arange(len(rows), device=n.device) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
-        return rows, first + offset
-
     # ---- the task protocol
-    def outputs(self, model, batch):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        hidden = base.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
-        return self.from_hidden(model, hidden, batch)
-
-    def from_hidden(self, model, hidden, batch):
-        base = model.get_base_model() if hasattr(model, "get_base_model") else model
-        rows, pos = self.positions(batch)
-        return base.get_output_embeddings()(hidden[rows, pos])
+    def tail_lengths(self, batch: Batch) -> torch.Tensor:
+        return self.response_len(batch.labels)
 
     def targets(self, batch):
         return batch.labels[batch.labels != IGNORE]  # row-major: the order of ``positions``
 
-    def row_sample(self, batch):
-        return self.positions(batch)[0]
-
     def rows_per_example(self, labels):
         return [int((torch.as_tensor(y) != IGNORE).sum()) for y in labels]
-
-    def flops(self, fm, batch, train, blocks=None):
-        tokens = int(self.response_len(batch.labels).sum())
-        body = fm.count(*batch.shape, train=train, blocks=blocks, head=False)
-        return body + fm.count(tokens, 1, train=train, blocks=range(0), head=True)
 
     # ---- evaluation
     def metric_name(self) -> str:
