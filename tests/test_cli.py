@@ -71,7 +71,7 @@ def test_a_failure_once_the_model_is_built_leaves_no_run_directory(tmp_path, cap
     out = tmp_path / "out"
     assert main(["run", "--out", str(out), *TINY_ARGS, "--set", "model.target_modules=no_such_layer"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("fedtune: error: LoRA: ")
+    assert err[-1].startswith("fedtune: error: model.peft=lora: No modules were targeted")
     assert len(err) == 2 and not out.exists()
 
 

@@ -23,7 +23,7 @@ from fedtune.runtimes.inprocess import InProcessGrid
 from fedtune.runtimes.rounds import run_rounds
 
 TIMING = {"client_seconds", "client_peak_mem_bytes", "server_seconds", "round_seconds", "server_train_seconds",
-          "client_replay_seconds"}
+          "message_seconds", "client_replay_seconds"}
 ALL = list(FRAMEWORKS.names)
 
 

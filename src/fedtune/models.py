@@ -322,7 +322,7 @@ def add_lora(model: nn.Module, cfg: ModelConfig, task: str = "classify") -> nn.M
     try:
         peft_model = get_peft_model(model, peft_config(cfg, model.config.model_type, task))
     except ValueError as exc:
-        raise FedtuneError(f"{cfg.peft}: {exc}") from None
+        raise FedtuneError(f"model.peft={cfg.peft}: {exc}") from None
     if cfg.lora_freeze_a:  # FFA-LoRA: A keeps its seeded init, the same on every client
         for name, p in peft_model.named_parameters():
             if ".lora_A." in name:
