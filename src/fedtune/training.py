@@ -54,27 +54,34 @@ def train_pass(
     on_step: StepFn | None = None,
     flop_fn: Callable[[Batch], int] | None = None,
     on_grad: Callable[[], None] | None = None,
+    step_grads: Callable[[nn.Module, list[nn.Parameter], Batch], float] | None = None,
 ) -> tuple[float, int]:
     """One pass over ``batches`` -> (mean loss, training FLOPs); ``flop_fn`` counts a batch
     when the loss does not run the whole model on every token (e.g. tasks.GenerateTask).
     ``on_grad`` adjusts the gradients after each backward pass, before clipping and the step
-    (a strategy's LocalRule: FedProx's term, SCAFFOLD's correction)."""
+    (a strategy's LocalRule: FedProx's term, SCAFFOLD's correction). ``step_grads`` replaces
+    backward and clipping: it sets the batch's gradients itself and returns its loss (DP-SGD's
+    clipped and noised per-example gradients, privacy/dp_sgd.py)."""
     optimizer = optimizer or make_optimizer(model, cfg)
     trainable = [p for p in model.parameters() if p.requires_grad]
     model.train()
     total_loss, total_flops = 0.0, 0
     for i, batch in enumerate(batches):
         batch = batch.to(device)
-        with autocast(cfg, device):
-            loss = loss_fn(model, batch)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if step_grads:
+            loss = step_grads(model, trainable, batch)
+        else:
+            with autocast(cfg, device):
+                batch_loss = loss_fn(model, batch)
+            batch_loss.backward()
+            loss = batch_loss.item()
         if on_grad:
             on_grad()
-        if cfg.max_grad_norm:
+        if cfg.max_grad_norm and not step_grads:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
         optimizer.step()
-        total_loss += loss.item()
+        total_loss += loss
         total_flops += flop_fn(batch) if flop_fn else flops.count(*batch.shape, train=True)
         if on_step:
             on_step(i + 1, len(batches))

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..data import Batch
-from ..training import make_optimizer
+from .. import training
 from .accounting import Accountant, calibrate
 
 Grads = Sequence[torch.Tensor | None]
@@ -115,20 +115,11 @@ def train_pass(model, batches, cfg, device, flops, loss_fn, dp: ClientDP, optimi
     """``training.train_pass`` with DP-SGD steps (train.max_grad_norm is replaced by the
     per-example clip). ``on_grad`` (FedProx's term) acts on the privatized gradient: it reads no
     private row, so the guarantee is unchanged."""
-    optimizer = optimizer or make_optimizer(model, cfg)
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.train()
-    total_loss, total_flops = 0.0, 0
-    for i, batch in enumerate(batches):
-        batch = batch.to(device)
+
+    def private_grads(model, params, batch) -> float:
         losses: list[float] = []
-        optimizer.zero_grad(set_to_none=True)
         dp.step(params, example_grads(model, params, loss_fn, batch, losses))
-        if on_grad:
-            on_grad()
-        optimizer.step()
-        total_loss += sum(losses) / max(len(losses), 1)
-        total_flops += flop_fn(batch) if flop_fn else flops.count(*batch.shape, train=True)
-        if on_step:
-            on_step(i + 1, len(batches))
-    return total_loss / max(len(batches), 1), total_flops
+        return sum(losses) / max(len(losses), 1)
+
+    return training.train_pass(model, batches, cfg, device, flops, loss_fn, optimizer, on_step, flop_fn, on_grad,
+                               step_grads=private_grads)
