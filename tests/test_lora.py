@@ -180,20 +180,9 @@ def test_rank_switch_leaves_logits_unchanged_and_bytes_follow_the_rank(tiny):
     {"model.rank_schedule": "{1 = 1, 2 = 2, 3 = 4}"},
 ], ids=["dora", "rslora-ffa", "flora", "schedule"])
 def test_new_keys_resume_to_the_same_metrics(tmp_path, keys):
-    from fedtune.rundir import RunDir
-    from fedtune.runtimes import run
-    from test_frameworks import TIMING, KillAt
+    from test_frameworks import assert_resume_matches
 
-    whole = tiny_config(tmp_path / "a", **{"fed.rounds": 3, **keys})
-    run_tiny(whole)
-    cut = tiny_config(tmp_path / "b", **{"fed.rounds": 3, **keys})
-    rundir = RunDir.create(cut)
-    with pytest.raises(KeyboardInterrupt):
-        run(cut, rundir, KillAt(rnd=3, after=1))  # killed mid-round 3
-    reopened, cfg = RunDir.open(rundir.path)
-    run(cfg, reopened, resume=True)
-    strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING} for r in recs]  # noqa: E731
-    assert strip(RunDir(whole.out).metrics.records()) == strip(reopened.metrics.records())
+    assert_resume_matches(tmp_path, kill_round=3, **{"fed.rounds": 3, **keys})  # killed mid-round 3
 
 
 @pytest.mark.parametrize("keys, message", [

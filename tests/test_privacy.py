@@ -15,13 +15,11 @@ from fedtune.frameworks.base import Context
 from fedtune.privacy import dp_sgd
 from fedtune.privacy.accounting import Accountant
 from fedtune.privacy.central_dp import CentralDP
-from fedtune.rundir import RunDir
-from fedtune.runtimes import run
 from fedtune.strategies import STRATEGIES
 from fedtune.training import train_pass
 
 from conftest import run_tiny, tiny_config
-from test_frameworks import TIMING, KillAt
+from test_frameworks import assert_resume_matches
 
 
 @pytest.fixture(scope="module")
@@ -153,16 +151,7 @@ def test_dp_and_attack_keys_resume_to_the_same_metrics(tmp_path):
     keys = dict(privacy__dp_sgd=True, privacy__central_dp=True, privacy__update_noise_multiplier=0.5,
                 fed__attack="gaussian", fed__malicious_clients=[1], fed__strategy="median", fed__rounds=3,
                 data__private_size=48, data__test_size=16)
-    run_tiny(tiny_config(tmp_path / "a", **keys))
-    cut = tiny_config(tmp_path / "b", **keys)
-    rundir = RunDir.create(cut)
-    with pytest.raises(KeyboardInterrupt):
-        run(cut, rundir, KillAt(rnd=2, after=1))
-    reopened, cfg = RunDir.open(rundir.path)
-    run(cfg, reopened, resume=True)
-    strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING} for r in recs]  # noqa: E731
-    a, b = strip(RunDir(tmp_path / "a" / "run").metrics.records()), strip(reopened.metrics.records())
-    assert a == b
+    a = assert_resume_matches(tmp_path, **keys)
     server = [r for r in a if r["client"] == "server"]
     assert server[0]["epsilon"] < server[2]["epsilon"] and all(r["malicious"] for r in a if r["client"] == 1)
 

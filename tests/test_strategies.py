@@ -15,15 +15,13 @@ from fedtune import models
 from fedtune.data import Batch
 from fedtune.errors import FedtuneError
 from fedtune.metering import FlopModel
-from fedtune.rundir import RunDir
-from fedtune.runtimes import run
 from fedtune.strategies import make
 from fedtune.strategies.base import split_extras, with_extras
 from fedtune.strategies.prox import Proximal
 from fedtune.strategies.scaffold import STATE_KEY, ScaffoldRule
 from fedtune.training import train_pass
 from fedtune.wire import Message, payload_bytes, serialize
-from test_frameworks import TIMING, KillAt
+from test_frameworks import assert_resume_matches
 
 F64 = torch.float64
 # Two rounds, two clients with sample weights 1 and 3, three coordinates.
@@ -229,16 +227,7 @@ RESUMED = {
 def test_resumed_run_ends_with_the_same_metrics(tmp_path, name):
     # 2 of 3 clients per round: a client's variate must outlive the rounds it sits out.
     kw = dict(fed__rounds=3, fed__fraction=0.67, data__test_size=50, **RESUMED[name])
-    whole = tiny_config(tmp_path / "a", **kw)
-    run_tiny(whole)
-    cut = tiny_config(tmp_path / "b", **kw)
-    rundir = RunDir.create(cut)
-    with pytest.raises(KeyboardInterrupt):
-        run(cut, rundir, KillAt(rnd=3, after=1))
-    reopened, cfg = RunDir.open(rundir.path)
-    run(cfg, reopened, resume=True)
-    strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING} for r in recs]  # noqa: E731
-    assert strip(RunDir(whole.out).metrics.records()) == strip(reopened.metrics.records())
+    assert_resume_matches(tmp_path, kill_round=3, **kw)
 
 
 @pytest.mark.parametrize("strategy", ["fedadam", "scaffold"])
