@@ -169,3 +169,14 @@ def test_preparing_the_embedded_smollm2_is_one_line(tmp_path):
         "of them (0 = auto: 2, or L-1 for shallower models)",
     ]
     assert (cache / "config.json").is_file() and not (tmp_path / "run").exists()
+
+
+def test_warnings_read_like_fedtune_lines_even_after_a_dependency_sets_root_logging(capsys):
+    import logging
+
+    from fedtune.cli import _own_log_lines
+
+    _own_log_lines()
+    logging.basicConfig(format="%(asctime)s:%(levelname)s:%(message)s")  # what Opacus does at import
+    logging.getLogger("fedtune.tasks.sft").warning("data.max_length=8 truncated 1 prompts")
+    assert capsys.readouterr().err == "fedtune: data.max_length=8 truncated 1 prompts\n"

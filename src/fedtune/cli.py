@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import signal
 import sys
@@ -223,10 +224,25 @@ def _exit_status(exc: KeyboardInterrupt) -> int:
     return 128 + (exc.signum if isinstance(exc, Stopped) else signal.SIGINT)
 
 
+class _StderrLines(logging.Handler):
+    def emit(self, record: logging.LogRecord) -> None:
+        print(f"fedtune: {record.getMessage()}", file=sys.stderr)  # sys.stderr now, as tests capture it
+
+
+def _own_log_lines() -> None:
+    # fedtune's warnings read like its errors. Without a handler of its own they would take the root
+    # logger's format, which a dependency may set at import (Opacus sets a dated one).
+    log = logging.getLogger("fedtune")
+    if not log.handlers:
+        log.addHandler(_StderrLines())
+        log.propagate = False
+
+
 def main(argv: list[str] | None = None) -> int:
     # fedtune never downloads at run time unless asked (HF_HUB_OFFLINE=0): an unknown model name
     # is then an error at once, not a minute of retries. Set before huggingface_hub is imported.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _own_log_lines()
     args = _parser().parse_args(argv)
     previous = signal.signal(signal.SIGTERM, _raise_stopped)
     try:
