@@ -165,7 +165,7 @@ class FlowerGrid:
 
 class MeteredGrid:
     """Flower's Grid as SecAgg+'s workflow uses it (``send_and_receive``), counting per node the
-    serialized size of every message each way (as handed to Flower, as pulled from it), the
+    serialized size of every message each way (as pushed to Flower, as pulled from it), the
     bytes of the masked vectors and the seconds each stage spent on the node outside its round.
     ``waited``: the seconds the server spent waiting for replies, not computing."""
 
@@ -179,11 +179,11 @@ class MeteredGrid:
 
     def send_and_receive(self, messages, *, timeout=None):
         messages = dict(enumerate(messages))
-        for msg in messages.values():
-            self.down[msg.metadata.dst_node_id] += flower_compat.message_bytes(msg)
         start = time.perf_counter()
         replies = exchange(self.grid, messages, timeout)
         self.waited += time.perf_counter() - start
+        for msg in messages.values():  # as pushed: Flower gave each its id
+            self.down[msg.metadata.dst_node_id] += flower_compat.message_bytes(msg)
         for key, reply in replies.items():
             node = messages[key].metadata.dst_node_id  # an error reply comes from the SuperLink
             self.up[node] += flower_compat.message_bytes(reply)
