@@ -254,7 +254,7 @@ def secagg_round(grid, run_id: int, rnd: int, fitins: dict[int, tuple[bytes, dic
                  clip_range: float, quantization_range: int, threshold: float, timeout: float | None):
     """One round of SecAgg+ over ``grid`` (anything with ``send_and_receive``) for the nodes in
     ``fitins`` ({node: (blob, config)}) -> ({node: (weight, metrics)} of the clients whose masked
-    vectors went into the sum, their weighted mean as a list of float64 arrays), or (results, None)
+    vectors went into the sum, their weighted mean as a list of float64 arrays), or ({}, None)
     when the protocol halted (too few clients answered a stage). Every node holds one share of
     every other's secrets (SecAgg+'s neighbourhood is the whole sample)."""
     from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
