@@ -220,3 +220,34 @@ def test_secagg_on_a_local_deployment(tmp_path):
     assert all(c["secagg_bytes_up"] > c["bytes_up"] > c["bytes_down"] > 0 for c in clients)
     # Stochastic rounding is SecAgg+'s: the accuracy is the plaintext run's within a few test rows.
     assert abs(summary["final_test_accuracy"] - plain["final_test_accuracy"]) <= 0.03
+
+
+@pytest.mark.slow
+def test_secagg_run_resumes_to_the_same_metrics(tmp_path):
+    """Stopped after round 1's checkpoint and resumed, a SecAgg+ run ends as the uninterrupted one:
+    the sum's stochastic rounding is seeded per (seed, round, client), the clients' states (DP-SGD's
+    accountant) come back from the checkpoint."""
+    from test_frameworks import TIMING
+
+    from fedtune.console import Progress
+    from fedtune.rundir import RunDir
+    from fedtune.runtimes import run
+
+    class Stop(Progress):
+        def round_done(self, rnd, record):
+            if rnd == 1:
+                raise RuntimeError("stopped")
+
+    kw = dict(runtime="flower-sim", privacy__secagg=True, privacy__dp_sgd=True, privacy__noise_multiplier=0.5,
+              data__test_size=100)
+    _, whole = run_tiny(tiny_config(tmp_path / "a", **kw))
+    cut = tiny_config(tmp_path / "b", **kw)
+    rundir = RunDir.create(cut)
+    with pytest.raises(RuntimeError, match="stopped"):
+        run(cut, rundir, Stop())
+    reopened, cfg = RunDir.open(rundir.path)
+    run(cfg, reopened, resume=True)
+    # The records' own JSON rides in the messages: its timings' digits move the byte counts a little.
+    drop = TIMING | {"secagg_client_seconds", "secagg_server_seconds", "secagg_bytes_up", "secagg_bytes_down"}
+    same = [[{k: v for k, v in r.items() if k not in drop} for r in d.metrics.records()] for d in (whole, reopened)]
+    assert same[0] == same[1] and len(same[0]) == 2 * 4

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -379,4 +380,9 @@ def _secagg_fit(blob: bytes, control: dict, context: Context) -> tuple[list[np.n
     if state is not None:
         context.state[STATE] = ConfigRecord({"state": state})
         metrics[STATE] = state  # for the server's checkpoint
+    # SecAgg+ next rounds each value up or down at random with NumPy's global generator: seeded
+    # by (seed, round, client) as training.derive_seed does (not imported: it brings torch), a
+    # run is reproducible and a resumed one equals it. Masks use their own secret seeds.
+    seed = json.loads(control["config"])["seed"]
+    np.random.seed(zlib.crc32(f"{seed}/secagg/{control['round']}/{control['client']}".encode()))
     return arrays, record["num_samples"], metrics
