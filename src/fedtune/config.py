@@ -200,6 +200,11 @@ class PrivacyConfig:
     # What kd and split send (public-set logits, activations at the cut): clipped and noised; 0 = off.
     output_noise_multiplier: float = 0.0
     output_clip: float = 1.0  # L2 bound of one example's activations (split) or one public row's logits (kd)
+    # Secure aggregation (Flower's SecAgg+, Flower runtimes, fedavg): the server learns only the weighted mean.
+    secagg: bool = False
+    secagg_clip_range: float = 8.0  # each weighted upload value is clipped to +-this before quantization
+    secagg_quantization_range: int = 4194304  # 2**22 integer levels over [-clip, clip]
+    secagg_reconstruction_threshold: float = 0.5  # fraction of a client's shares that rebuild its secrets
 
 
 @dataclass
@@ -451,6 +456,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_strategy(cfg)
     _validate_peft(cfg)
     _validate_privacy(cfg)
+    _validate_secagg(cfg)
 
 
 def _validate_sft_and_gpu(cfg: RunConfig) -> None:
@@ -606,6 +612,39 @@ def _validate_privacy(cfg: RunConfig) -> None:
                            "(use privacy.dp_sgd or privacy.central_dp)")
     if p.central_dp and cfg.framework == "kd":
         raise FedtuneError("privacy.central_dp bounds uploaded weight updates; kd uploads outputs (use privacy.dp_sgd)")
+
+
+SECAGG_MODULUS = 2**32  # SecAgg+'s mask range (Flower's default and maximum): sums wrap modulo this
+
+
+def _validate_secagg(cfg: RunConfig) -> None:
+    """privacy.secagg: Flower's SecAgg+ hands the server one weighted mean (docs/privacy.md)."""
+    p, f = cfg.privacy, cfg.fed
+    if not p.secagg:
+        return
+    if cfg.runtime == "inprocess":
+        raise FedtuneError("privacy.secagg runs Flower's SecAgg+: use --runtime flower-sim or flower (got inprocess)")
+    if cfg.framework != "fedavg":
+        raise FedtuneError(f"privacy.secagg gives the server only the sum of weight updates: it needs framework=fedavg "
+                           f"({cfg.framework} needs each client's own upload)")
+    if f.strategy != "fedavg":
+        raise FedtuneError(f"privacy.secagg gives the server only the weighted mean: fed.strategy={f.strategy} needs "
+                           f"each client's own update (use fed.strategy=fedavg)")
+    if p.central_dp:
+        raise FedtuneError("privacy.central_dp clips each client's update, which privacy.secagg hides from the server")
+    if cfg.model.client_ranks:
+        raise FedtuneError("privacy.secagg sums equal-shaped updates: model.client_ranks gives clients different shapes")
+    sampled = max(1, round(f.fraction * f.clients))
+    if sampled < 2:
+        raise FedtuneError(f"privacy.secagg needs >= 2 sampled clients (a sum of one is the update); got {sampled}")
+    if not p.secagg_clip_range > 0:
+        raise FedtuneError(f"privacy.secagg_clip_range must be > 0; got {p.secagg_clip_range}")
+    if not 0 < p.secagg_quantization_range < SECAGG_MODULUS // sampled:
+        raise FedtuneError(f"privacy.secagg_quantization_range must be in [1, 2**32 / sampled clients = "
+                           f"{SECAGG_MODULUS // sampled}) so the sum cannot wrap; got {p.secagg_quantization_range}")
+    if not 0 < p.secagg_reconstruction_threshold <= 1:
+        raise FedtuneError(f"privacy.secagg_reconstruction_threshold must be in (0, 1] (a fraction of the shares); "
+                           f"got {p.secagg_reconstruction_threshold}")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -36,6 +36,11 @@ from ..wire import Message
 from ..training import StepFn, autocast, derive_seed, train_pass
 
 
+# The key of ``aggregate``'s one result under secure aggregation (privacy.secagg): the clients'
+# weighted mean as one upload of their total weight; no client's own upload reaches the server.
+SUMMED = -1
+
+
 @dataclass
 class ClientResult:
     message: Message

@@ -14,7 +14,7 @@ from ..strategies import lora
 from ..strategies.base import split_extras, with_extras
 from ..privacy import attacks, dp_sgd
 from ..wire import Message
-from .base import ClientResult, Context, Framework
+from .base import SUMMED, ClientResult, Context, Framework
 
 
 class FedAvgFramework(Framework):
@@ -66,7 +66,9 @@ class FedAvgFramework(Framework):
         # the clients' tunable states, without what a strategy sent along (SCAFFOLD's variates)
         updates = [(split_extras(msg.tensors)[0], metrics["num_samples"]) for msg, metrics in results.values()]
         has_lora = bool(lora.pairs({**self.frozen, **updates[0][0]}))
-        record = {"aggregation_error": lora.aggregation_error(updates, frozen=self.frozen)} if has_lora else {}
+        # The error needs each client's own factors, which a secure sum (SUMMED) hides.
+        exact = has_lora and SUMMED not in results
+        record = {"aggregation_error": lora.aggregation_error(updates, frozen=self.frozen)} if exact else {}
         record.update(self.aggregate_tunable(results))
         if has_lora and isinstance(self.strategy, lora.RankStrategy):
             # The error of what this strategy built (0 for flora, the truncation for flexlora).

@@ -15,13 +15,14 @@ from __future__ import annotations
 
 import json
 import time
+import zlib
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from . import flower_compat  # noqa: F401 - the flwr version check, before any message moves
+from . import flower_compat  # the flwr version check, before any message moves
 from . import flower_worker
 
 BLOB, CONTROL, STATE = "blob", "control", "fedtune-state"
@@ -46,11 +47,13 @@ class FlowerGrid:
     that talks per batch trains its clients one after another (its server part learns from each
     batch, so the order of batches is the result)."""
 
-    def __init__(self, grid: Grid, cfg):
+    def __init__(self, grid: Grid, cfg, max_weight: float = 0.0):
         self.grid, self.cfg = grid, cfg
         self.config_json = json.dumps(_to_dict(cfg))
         self.nodes: dict[int, int] = {}
         self.channel = None
+        self.max_weight = max_weight  # privacy.secagg: the largest weight a client reports (its rows)
+        self._summed = None
 
     def start(self, serve):
         self.nodes = discover(self.grid, self.cfg)
@@ -64,6 +67,8 @@ class FlowerGrid:
     def fit(self, rnd, blobs, restore, on_reply):
         from .rounds import Reply
 
+        if self.cfg.privacy.secagg:
+            return self._fit_secagg(rnd, blobs, restore, on_reply)
         messages, online = {}, set(self.grid.get_node_ids())
         for cid, blob in blobs.items():
             if self.nodes[cid] not in online:
@@ -101,9 +106,127 @@ class FlowerGrid:
             on_reply(cid, Reply(_blob(content), state, record))
         return errors
 
+    def _fit_secagg(self, rnd, blobs, restore, on_reply):
+        """privacy.secagg: the round as Flower's SecAgg+ runs it. Each client's round runs inside
+        the protocol's masking stage; the server gets each client's metrics record and state
+        (control data, as always) but its upload only as a masked vector, and of the uploads only
+        their weighted mean (``summed``). The records add what the protocol cost: the serialized
+        size of every Flower message of the round each way (``secagg_bytes_up/down``), the seconds
+        its stages spent on the client outside the client's round; ``bytes_up`` is the masked
+        vector, the one form in which the upload left the client."""
+        from ..errors import FedtuneError
+        from .rounds import Reply, Sum
+
+        p, online, self._summed = self.cfg.privacy, set(self.grid.get_node_ids()), None
+        fitins = {}
+        for cid, blob in blobs.items():
+            if self.nodes[cid] not in online:
+                continue  # its SuperNode is gone: the loop counts it as dropped
+            config = {"round": rnd, "client": cid, "config": self.config_json}
+            if cid in restore:
+                config[STATE] = flower_worker.state_to_bytes(restore[cid])
+            fitins[self.nodes[cid]] = (blob, config)
+        metered = MeteredGrid(self.grid)
+        start = time.perf_counter()
+        results, mean = flower_compat.secagg_round(
+            metered, self.grid.run.run_id, rnd, fitins, self.max_weight, p.secagg_clip_range,
+            p.secagg_quantization_range, p.secagg_reconstruction_threshold, self.cfg.fed.client_timeout_s or None)
+        seconds = time.perf_counter() - start
+        cid_of = {node: cid for cid, node in self.nodes.items()}
+        errors = {cid_of[node]: reason for node, reason in metered.errors.items()}
+        if mean is None:  # the protocol halted: no sum, no upload
+            return {cid: errors.get(cid, "SecAgg+ halted: too few clients answered for "
+                                         "privacy.secagg_reconstruction_threshold") for cid in blobs}
+        layouts = {metrics["layout"] for _, metrics in results.values()}
+        if len(layouts) != 1:
+            raise FedtuneError(f"round {rnd}: privacy.secagg sums equal-shaped uploads; the clients' differ")
+        for cid in blobs:  # in sampled order, as in-process
+            node = self.nodes[cid]
+            if node not in results:
+                continue
+            metrics = results[node][1]
+            record = json.loads(metrics["record"])
+            record.update(bytes_up=metered.masked[node], secagg_bytes_up=metered.up[node],
+                          secagg_bytes_down=metered.down[node], secagg_client_seconds=metered.seconds[node])
+            state = flower_worker.state_from_bytes(metrics[STATE]) if STATE in metrics else None
+            on_reply(cid, Reply(None, state, record))
+        record = {"secagg_bytes_up": sum(metered.up.values()), "secagg_bytes_down": sum(metered.down.values()),
+                  "secagg_server_seconds": seconds - metered.waited}
+        weight = sum(w for w, _ in results.values())
+        self._summed = Sum(_upload_blob(layouts.pop(), mean), weight, record)
+        return errors
+
+    def summed(self):
+        return self._summed
+
     def stop(self):
         if self.channel:
             self.channel.stop()
+
+
+class MeteredGrid:
+    """Flower's Grid as SecAgg+'s workflow uses it (``send_and_receive``), counting per node the
+    serialized size of every message each way (as pushed to Flower, as pulled from it), the
+    bytes of the masked vectors and the seconds each stage spent on the node outside its round.
+    ``waited``: the seconds the server spent waiting for replies, not computing."""
+
+    def __init__(self, grid: Grid):
+        from collections import Counter
+
+        self.grid = grid
+        self.down, self.up, self.masked, self.seconds = Counter(), Counter(), Counter(), Counter()
+        self.errors: dict[int, str] = {}
+        self.waited = 0.0
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = dict(enumerate(messages))
+        start = time.perf_counter()
+        replies = exchange(self.grid, messages, timeout)
+        self.waited += time.perf_counter() - start
+        for msg in messages.values():  # as pushed: Flower gave each its id
+            self.down[msg.metadata.dst_node_id] += flower_compat.message_bytes(msg)
+        for key, reply in replies.items():
+            node = messages[key].metadata.dst_node_id  # an error reply comes from the SuperLink
+            self.up[node] += flower_compat.message_bytes(reply)
+            if reply.has_error():
+                self.errors[node] = reply.error.reason
+                continue
+            self.masked[node] += flower_compat.masked_bytes(reply)
+            self.seconds[node] += flower_compat.reply_seconds(reply)
+        return list(replies.values())
+
+
+def _upload_arrays(blob: bytes) -> tuple[list[np.ndarray], str]:
+    """An upload (the wire format: safetensors) -> its tensors as arrays in name order, and its
+    layout (names, dtypes, shapes, metadata): what SecAgg+ does not hide. numpy only: a
+    deployment ClientApp does not import torch."""
+    from safetensors.numpy import load
+
+    header = json.loads(blob[8 : 8 + int.from_bytes(blob[:8], "little")])
+    meta = header.pop("__metadata__", {})
+    names = sorted(header)
+    bad = sorted({header[n]["dtype"] for n in names} - set(_DTYPES))
+    if bad:
+        raise ValueError(f"privacy.secagg sums float tensors; this upload has {bad}")
+    tensors = load(blob)
+    layout = json.dumps({"meta": meta, "tensors": [[n, header[n]["dtype"], header[n]["shape"]] for n in names]})
+    return [tensors[n] for n in names], layout
+
+
+_DTYPES = ("F64", "F32", "F16")  # what numpy reads from safetensors
+
+
+def _upload_blob(layout: str, arrays: list[np.ndarray]) -> bytes:
+    """The inverse of ``_upload_arrays`` for SecAgg+'s float64 mean: one upload, serialized."""
+    import torch
+
+    from ..wire import Message, serialize
+
+    spec = json.loads(layout)
+    dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16}
+    tensors = {name: torch.from_numpy(np.asarray(a, dtype=np.float64).reshape(shape)).to(dtypes[dtype])
+               for (name, dtype, shape), a in zip(spec["tensors"], arrays, strict=True)}
+    return serialize(Message(tensors, json.loads(spec["meta"].get("meta", "{}"))))
 
 
 def run_server(grid: Grid, cfg, rundir, resume: bool = False, progress=None) -> dict:
@@ -114,7 +237,9 @@ def run_server(grid: Grid, cfg, rundir, resume: bool = False, progress=None) -> 
     if progress is not None:
         ctx.on_step = progress.step
     fw = get(cfg.framework)(ctx)
-    return run_rounds(fw, FlowerGrid(grid, cfg), rundir, progress, resume)
+    # SecAgg+ scales each upload by its weight over a bound every client's weight (its rows) respects.
+    max_weight = max(len(rows) for rows in ctx.data.clients)
+    return run_rounds(fw, FlowerGrid(grid, cfg, max_weight), rundir, progress, resume)
 
 
 def discover(grid: Grid, cfg) -> dict[int, int]:
@@ -211,23 +336,53 @@ def _query(msg: Message, context: Context) -> Message:
 
 @client.train()
 def _train(msg: Message, context: Context) -> Message:
+    if flower_compat.is_secagg(msg):  # privacy.secagg: one of SecAgg+'s four stages
+        return flower_compat.secagg_client(msg, context, _secagg_fit)
     control = dict(msg.content.config_records[CONTROL])
-    if int(context.node_config["partition-id"]) != int(control["client"]):
-        raise ValueError(f"message for client {control['client']} reached partition-id "
-                         f"{context.node_config['partition-id']}")
     state = None
     if STATE in msg.content.config_records:  # a resumed run: the server's checkpointed state wins
         state = msg.content.config_records[STATE]["state"]
     elif STATE in context.state.config_records:  # what this client kept from its previous round
         state = context.state.config_records[STATE]["state"]
-    worker = context.node_config.get(flower_worker.NODE_CONFIG_KEY)
-    if worker:
-        control["run"] = str(context.run_id)
-        up, record, state = flower_worker.ask(str(worker), control, _blob(msg.content), state)
-    else:
-        up, record, state = flower_worker.client_round(control, _blob(msg.content), state)
+    up, record, state = _round(control, _blob(msg.content), state, context)
     content = RecordDict({BLOB: _blob_record(up), CONTROL: ConfigRecord({"record": json.dumps(record)})})
     if state is not None:
         context.state[STATE] = ConfigRecord({"state": state})
         content[STATE] = ConfigRecord({"state": state})  # for the server's checkpoint
     return Message(content, reply_to=msg)
+
+
+def _round(control: dict, blob: bytes, state: bytes | None, context: Context) -> tuple[bytes, dict, bytes | None]:
+    """The client's round, by its node's worker if it has one."""
+    if int(context.node_config["partition-id"]) != int(control["client"]):
+        raise ValueError(f"message for client {control['client']} reached partition-id "
+                         f"{context.node_config['partition-id']}")
+    worker = context.node_config.get(flower_worker.NODE_CONFIG_KEY)
+    if worker:
+        control["run"] = str(context.run_id)
+        return flower_worker.ask(str(worker), control, blob, state)
+    return flower_worker.client_round(control, blob, state)
+
+
+def _secagg_fit(blob: bytes, control: dict, context: Context) -> tuple[list[np.ndarray], int, dict]:
+    """The client's round inside SecAgg+'s masking stage -> (its upload as arrays, which leave only
+    masked, its weight, metrics: its record, the upload's layout and its state as control data)."""
+    state = control.pop(STATE, None)  # a resumed run: the server's checkpointed state wins
+    if state is None and STATE in context.state.config_records:
+        state = context.state.config_records[STATE]["state"]
+    up, record, state = _round(control, blob, state, context)
+    arrays, layout = _upload_arrays(up)
+    clip = json.loads(control["config"])["privacy"]["secagg_clip_range"]
+    peak = max((float(np.abs(a).max()) for a in arrays if a.size), default=0.0)
+    if peak > clip:  # SecAgg+ would clip it silently and the mean would be wrong
+        raise ValueError(f"an uploaded value of magnitude {peak:g} exceeds privacy.secagg_clip_range={clip:g}")
+    metrics = {"record": json.dumps(record), "layout": layout}
+    if state is not None:
+        context.state[STATE] = ConfigRecord({"state": state})
+        metrics[STATE] = state  # for the server's checkpoint
+    # SecAgg+ next rounds each value up or down at random with NumPy's global generator: seeded
+    # by (seed, round, client) as training.derive_seed does (not imported: it brings torch), a
+    # run is reproducible and a resumed one equals it. Masks use their own secret seeds.
+    seed = json.loads(control["config"])["seed"]
+    np.random.seed(zlib.crc32(f"{seed}/secagg/{control['round']}/{control['client']}".encode()))
+    return arrays, record["num_samples"], metrics

@@ -65,7 +65,11 @@ class ThreadBackend:
 
     def process_message(self, message, context):
         from flwr.clientapp.client_app import ClientAppException
+        from flwr.common.serde import message_from_proto, message_to_proto
 
+        # The ClientApp gets its own copy, as over a network (Ray pickles it): SecAgg+'s client mod
+        # edits the message it gets, which the ServerApp shares among the stage's messages.
+        message = message_from_proto(message_to_proto(message))
         try:
             return self.app_fn()(message=message, context=context), context
         except Exception as exc:  # reported to the ServerApp as an error reply, as Ray's backend does
@@ -183,6 +187,119 @@ def processes_mentioning(marker: str) -> list[int]:
         if marker in cmd:
             pids.append(int(d.name))
     return pids
+
+
+# =========================================================================== secure aggregation
+
+# Flower's SecAgg+ (Bell et al., 2020) exists in flwr 1.41 as a legacy workflow: a ``Strategy``
+# picks the clients and receives the unmasked aggregate, FitIns/FitRes travel as RecordDicts,
+# and the client side is a mod around the ClientApp. fedtune uses all of it as it is: its
+# Strategy below only hands out the prepared fit instructions and keeps what SecAgg+ returns.
+SECAGG_RECORD = "secaggplus_configs"  # the record SecAgg+'s messages carry its stage in
+SECAGG_SECONDS = "fedtune-secagg-seconds"  # fedtune's record in a client's reply: the stage's own seconds
+
+
+def is_secagg(msg) -> bool:
+    """A ``train`` message of SecAgg+'s protocol (any of its four stages)."""
+    return SECAGG_RECORD in msg.content.config_records
+
+
+def secagg_client(msg, context, fit):
+    """Run SecAgg+'s client side (``secaggplus_mod``) for one stage; ``fit(blob, config, context)``
+    is the client's round (in the masking stage) -> (float arrays, weight, metrics). The reply carries
+    the seconds the stage spent outside ``fit`` (keys, shares, masking) for the metrics."""
+    import time
+
+    from flwr.app import ConfigRecord, Message
+    from flwr.client.mod import secaggplus_mod
+    from flwr.common import Code, FitRes, Parameters, Status, ndarray_to_bytes
+    from flwr.compat.common.recorddict_compat import fitres_to_recorddict, recorddict_to_fitins
+
+    inside = [0.0]
+
+    def call_next(m, ctx):
+        start = time.perf_counter()
+        ins = recorddict_to_fitins(m.content, keep_input=True)
+        arrays, weight, metrics = fit(ins.parameters.tensors[0], dict(ins.config), ctx)
+        res = FitRes(Status(Code.OK, ""), Parameters([ndarray_to_bytes(a) for a in arrays], "numpy.ndarray"),
+                     int(weight), metrics)
+        inside[0] = time.perf_counter() - start
+        return Message(fitres_to_recorddict(res, keep_input=False), reply_to=m)
+
+    start = time.perf_counter()
+    reply = secaggplus_mod(msg, context, call_next)
+    reply.content[SECAGG_SECONDS] = ConfigRecord({"seconds": time.perf_counter() - start - inside[0]})
+    return reply
+
+
+def message_bytes(msg) -> int:
+    """The size of a Flower message as Flower serializes it (its protobuf)."""
+    from flwr.common.serde import message_to_proto
+
+    return message_to_proto(msg).ByteSize()
+
+
+def masked_bytes(reply) -> int:
+    """The bytes of the masked vector in a SecAgg+ reply (0 in the other stages)."""
+    record = reply.content.config_records.get(SECAGG_RECORD, {})
+    return sum(len(b) for b in record.get("masked_params", []))
+
+
+def reply_seconds(reply) -> float:
+    record = reply.content.config_records.get(SECAGG_SECONDS)
+    return float(record["seconds"]) if record else 0.0
+
+
+def secagg_round(grid, run_id: int, rnd: int, fitins: dict[int, tuple[bytes, dict]], max_weight: float,
+                 clip_range: float, quantization_range: int, threshold: float, timeout: float | None):
+    """One round of SecAgg+ over ``grid`` (anything with ``send_and_receive``) for the nodes in
+    ``fitins`` ({node: (blob, config)}) -> ({node: (weight, metrics)} of the clients whose masked
+    vectors went into the sum, their weighted mean as a list of float64 arrays), or ({}, None)
+    when the protocol halted (too few clients answered a stage). Every node holds one share of
+    every other's secrets (SecAgg+'s neighbourhood is the whole sample)."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+    from flwr.common import FitIns, Parameters, parameters_to_ndarrays
+    from flwr.server.compat.grid_client_proxy import GridClientProxy
+    from flwr.server.compat.legacy_context import LegacyContext
+    from flwr.server.strategy import Strategy
+    from flwr.server.workflow import SecAggPlusWorkflow
+    from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
+
+    class Hand(Strategy):  # configure_fit: the prepared instructions; aggregate_fit: keep the sum
+        def __init__(self):
+            self.results, self.mean = {}, None
+
+        def initialize_parameters(self, client_manager):
+            return None
+
+        def configure_fit(self, server_round, parameters, client_manager):
+            return [(GridClientProxy(node, grid, run_id), FitIns(Parameters([blob], "fedtune.blob"), config))
+                    for node, (blob, config) in fitins.items()]
+
+        def aggregate_fit(self, server_round, results, failures):
+            self.results = {proxy.node_id: (res.num_examples, dict(res.metrics)) for proxy, res in results}
+            self.mean = parameters_to_ndarrays(results[0][1].parameters) if results else None
+            return None, {}
+
+        def configure_evaluate(self, server_round, parameters, client_manager):
+            return []
+
+        def aggregate_evaluate(self, server_round, results, failures):
+            return None, {}
+
+        def evaluate(self, server_round, parameters):
+            return None
+
+    hand = Hand()
+    state = RecordDict({MAIN_CONFIGS_RECORD: ConfigRecord({Key.CURRENT_ROUND: rnd}),
+                        MAIN_PARAMS_RECORD: ArrayRecord()})
+    context = LegacyContext(Context(run_id, 0, {}, state, {}), strategy=hand)
+    workflow = SecAggPlusWorkflow(num_shares=1.0, reconstruction_threshold=float(threshold),
+                                  max_weight=float(max_weight), clipping_range=float(clip_range),
+                                  quantization_range=int(quantization_range), timeout=timeout)
+    with quiet():
+        workflow(grid, context)
+    return hand.results, hand.mean
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from typing import Any, Callable
 from .. import models
 from ..console import Progress
 from ..errors import FedtuneError
-from ..frameworks.base import Framework
+from ..frameworks.base import SUMMED, Framework
 from ..metering import measure
 from ..rundir import ADAPTER, RunDir
 from ..training import derive_seed, seeded
@@ -31,12 +31,22 @@ Serve = Callable[[int, int, bytes], bytes]  # (round, client, request blob) -> r
 
 @dataclass
 class Reply:
-    blob: bytes  # the client's upload, serialized
+    blob: bytes | None  # the client's upload, serialized; None: it went into a secure sum (Grid.summed)
     state: Any  # what the client keeps for its next round (None: nothing)
     record: dict[str, Any]  # the client's metrics record
 
 
 OnReply = Callable[[int, Reply], None]
+
+
+@dataclass
+class Sum:
+    """A round's uploads as the server gets them under secure aggregation: their weighted mean
+    alone, never one client's upload."""
+
+    blob: bytes  # the mean, serialized as one upload
+    weight: float  # the clients' total weight (num_samples)
+    record: dict[str, Any]  # for the server record: what the protocol cost
 
 
 class Grid(ABC):
@@ -52,6 +62,11 @@ class Grid(ABC):
         is complete (in the order of ``blobs`` where the runtime can); return the clients that
         failed, with the reason. ``restore`` holds client states from a checkpoint that the
         client's node must use instead of its own."""
+
+    def summed(self) -> Sum | None:
+        """After ``fit``: the uploads' weighted mean when the runtime aggregated them securely (the
+        replies then carry no blob); None when each upload came back on its own."""
+        return None
 
     def stop(self) -> None: ...
 
@@ -86,13 +101,14 @@ def run_rounds(fw: Framework, grid: Grid, rundir: RunDir, progress: Progress | N
                 uploads[cid] = (reply.blob, reply.record)
 
             errors = grid.fit(rnd, blobs, {cid: pending.pop(cid) for cid in sampled if cid in pending}, on_reply)
+            summed = grid.summed()
             # Aggregation sums in sampled order on every runtime, whatever order replies came in.
             uploads = {cid: uploads[cid] for cid in sampled if cid in uploads}
             dropped = [cid for cid in sampled if cid not in uploads]
             if not uploads:
                 raise FedtuneError(f"round {rnd}: no client answered (dropped {dropped}; errors {errors})")
             extra = {"dropped": dropped, "client_errors": {str(c): e for c, e in errors.items()}} if dropped else {}
-            server = close_round(fw, rundir, rnd, uploads, started, states, extra)
+            server = close_round(fw, rundir, rnd, uploads, started, states, extra, summed)
             progress.round_done(rnd, server)
     finally:
         progress.stop()
@@ -145,11 +161,17 @@ def run_client(fw: Framework, rnd: int, cid: int, down: bytes, state, link: Mete
     return Reply(up, result.state, record)
 
 
-def close_round(fw: Framework, rundir: RunDir, rnd: int, uploads: dict[int, tuple[bytes, dict]], started: float,
-                client_states: dict, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Aggregate, evaluate, log the server record and checkpoint."""
+def close_round(fw: Framework, rundir: RunDir, rnd: int, uploads: dict[int, tuple[bytes | None, dict]],
+                started: float, client_states: dict, extra: dict[str, Any] | None = None,
+                summed: Sum | None = None) -> dict[str, Any]:
+    """Aggregate, evaluate, log the server record and checkpoint. A secure sum reaches the
+    framework as one upload of the total weight (its weighted mean is the mean itself)."""
+    if summed is None:
+        results = {cid: (deserialize(blob), rec) for cid, (blob, rec) in uploads.items()}
+    else:
+        results = {SUMMED: (deserialize(summed.blob), {"num_samples": summed.weight})}
     with measure(fw.ctx.device) as usage:
-        agg = fw.aggregate(rnd, {cid: (deserialize(blob), rec) for cid, (blob, rec) in uploads.items()}) or {}
+        agg = fw.aggregate(rnd, results) or {}
     ev = fw.evaluate(rnd)
     record = {
         "round": rnd,
@@ -160,6 +182,7 @@ def close_round(fw: Framework, rundir: RunDir, rnd: int, uploads: dict[int, tupl
         "round_seconds": time.perf_counter() - started,
         "clients": sorted(uploads),
         **agg,
+        **(summed.record if summed else {}),
         **(extra or {}),
     }
     rundir.metrics.append(record)
