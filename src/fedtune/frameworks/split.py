@@ -76,7 +76,7 @@ class SplitFramework(Framework):
         self.split = CutModel(ctx.model, hi)  # the widest client part: what global_state holds
         glue = self.split.glue
         # Blocks lo..hi-1 are held by some clients and run by the server for others: the server
-        # trains its own copies of them (their frozen base is duplicated on the server only).
+        # trains its own copies of them, so that no client's step writes what the server runs.
         copies = [copy.deepcopy(block) for block in glue.blocks[lo:hi]]
         self.parts = {c: self.split if c == hi else CutModel(ctx.model, c, [*copies[c - lo:], *glue.blocks[hi:]])
                       for c in sorted(set(self.cuts))}
@@ -105,7 +105,7 @@ class SplitFramework(Framework):
             return compression.topk_decode_dense(t, prefix=ACT)
         return compression.dequantize(t, ACT)
 
-    # ---- server side
+    # ---- the cuts
     def workloads(self, depth: int) -> list[split_plan.Workload]:
         """Each client's round for the cost model (split_plan.py), from its data and the model."""
         ctx, s, train = self.ctx, self.cfg.split, self.cfg.train
