@@ -309,3 +309,10 @@ def test_cut_beyond_the_model_is_an_error(tmp_path):
     cfg = tiny_config(tmp_path, framework="split", split__client_layers=[1, 2, 1])
     with pytest.raises(FedtuneError, match=r"split.client_layers must be cuts in 1..1 for this 2-block model; got \[1, 2, 1\]"):
         SplitFramework(Context.build(cfg))
+
+
+def test_report_groups_runs_by_list_of_list_keys():
+    from fedtune.sweep_report import _hashable
+
+    # split.client_profiles is a list of lists: a report cell's key must hash it
+    assert hash(_hashable([[2e9, 2000.0, 10.0], [4e13, 100.0, 100.0]])) == hash(((2e9, 2000.0, 10.0), (4e13, 100.0, 100.0)))
