@@ -132,6 +132,14 @@ class SplitConfig:
     samples_per_round: int = 0  # 0 = the client's whole shard each round
     act_dtype: str = "fp32"  # fp32, fp16, bf16, int8
     act_topk: float = 0.0  # 0 = dense; else the fraction of activation values kept
+    # Research directions (docs/split.md, "Research directions").
+    client_layers: list[int] = field(default_factory=list)  # one cut per client; empty = split_layer for all
+    auto: bool = False  # pick each client's cut with the cost model (split_plan.py) from client_profiles
+    # One [flops_per_s, memory_mb, bandwidth_mbps] per client, read by auto.
+    client_profiles: list[list[float]] = field(default_factory=list)
+    server_flops_per_s: float = 1e13  # the server's speed in the cost model (per client it serves)
+    act_budget_mb: float = 0.0  # > 0: each client's activation uploads per round fit this (act_budget.py)
+    sample: str = "random"  # which rows samples_per_round takes: "random" (seeded) or "loss" (highest first)
 
 
 def split_layer_for(split_layer: int, depth: int) -> int:
@@ -457,6 +465,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_peft(cfg)
     _validate_privacy(cfg)
     _validate_secagg(cfg)
+    _validate_split_directions(cfg)
 
 
 def _validate_sft_and_gpu(cfg: RunConfig) -> None:
@@ -663,3 +672,44 @@ def save(cfg: RunConfig, path: str | Path) -> None:
     import tomli_w
 
     Path(path).write_text(tomli_w.dumps(to_dict(cfg)))
+
+
+def _validate_split_directions(cfg: RunConfig) -> None:
+    """split.client_layers, auto, client_profiles, server_flops_per_s, act_budget_mb, sample (docs/split.md)."""
+    s, clients = cfg.split, cfg.fed.clients
+    _one_of("split.sample", s.sample, ("random", "loss"))
+    if s.client_layers and len(s.client_layers) != clients:
+        raise FedtuneError(f"split.client_layers needs one cut per client (fed.clients={clients}); "
+                           f"got {len(s.client_layers)}: {s.client_layers}")
+    if any(c < 1 for c in s.client_layers):
+        raise FedtuneError(f"split.client_layers must be cuts >= 1 (blocks kept by each client); got {s.client_layers}")
+    if s.auto and s.client_layers:
+        raise FedtuneError("set split.client_layers or split.auto=true, not both")
+    if s.client_profiles and not s.auto:
+        raise FedtuneError("split.client_profiles is read by split.auto=true only; set split.auto=true or drop it")
+    if s.auto and len(s.client_profiles) != clients:
+        raise FedtuneError(f"split.auto=true needs split.client_profiles: one [flops_per_s, memory_mb, "
+                           f"bandwidth_mbps] per client (fed.clients={clients}); got {len(s.client_profiles)}")
+    for cid, p in enumerate(s.client_profiles):
+        if len(p) != 3 or not all(0 < v < float("inf") for v in p):
+            raise FedtuneError(f"split.client_profiles[{cid}] must be [flops_per_s, memory_mb, bandwidth_mbps], "
+                               f"three finite numbers > 0; got {p}")
+    if not 0 < s.server_flops_per_s < float("inf"):
+        raise FedtuneError(f"split.server_flops_per_s must be a finite number > 0; got {s.server_flops_per_s}")
+    if not 0 <= s.act_budget_mb < float("inf"):
+        raise FedtuneError(f"split.act_budget_mb must be >= 0 (0 = off); got {s.act_budget_mb}")
+    if s.act_budget_mb and (s.act_dtype != "fp32" or s.act_topk):
+        raise FedtuneError("split.act_budget_mb chooses the precision and top-k per batch: leave split.act_dtype=fp32 "
+                           f"and split.act_topk=0; got act_dtype={s.act_dtype}, act_topk={s.act_topk}")
+    if s.sample == "loss" and cfg.train.task != "classify":
+        raise FedtuneError(f"split.sample=loss ranks rows by their classification loss: needs train.task=classify; "
+                           f"got {cfg.train.task!r}")
+    if s.auto or len(set(s.client_layers)) > 1:
+        # Clients then hold different tensors: aggregated per block (split.py), a plain sample-weighted mean.
+        other = [f"fed.strategy={cfg.fed.strategy}" if cfg.fed.strategy != "fedavg" else "",
+                 "fed.prox_mu" if cfg.fed.prox_mu else "", "privacy.central_dp" if cfg.privacy.central_dp else "",
+                 "model.peft=prompt" if cfg.model.peft == "prompt" else ""]
+        other = [o for o in other if o]
+        if other:
+            raise FedtuneError(f"clients with different cuts (split.client_layers / split.auto) are averaged block by "
+                               f"block with fed.strategy=fedavg; {other[0]} does not combine with them")

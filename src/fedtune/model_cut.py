@@ -174,9 +174,12 @@ GLUES: dict[str, type[Glue]] = {"gpt2": GPT2Glue, "llama": LlamaGlue, "bert": Be
 
 
 class CutModel:
-    """A model cut after ``layer`` blocks: ``client`` and ``server`` are views of it."""
+    """A model cut after ``layer`` blocks: ``client`` and ``server`` are views of it.
+    ``server_blocks`` (default: the model's blocks from ``layer`` on) are the blocks the server
+    runs; clients with different cuts give the server its own copies of the blocks some clients
+    hold (frameworks/split.py)."""
 
-    def __init__(self, model: nn.Module, layer: int):
+    def __init__(self, model: nn.Module, layer: int, server_blocks: list[nn.Module] | None = None):
         hf = hf_model(model)
         model_type = hf.config.model_type
         if model_type not in GLUES:
@@ -201,8 +204,10 @@ class CutModel:
         self.prompt = model.prompt_encoder["default"] if prompt else None
         self.client = nn.ModuleList([*self.glue.client_modules, *self.glue.blocks[:layer],
                                      *([self.prompt] if prompt else [])])
-        self.server = nn.ModuleList([*self.glue.blocks[layer:], *self.glue.server_modules])
-        parts = {id(p) for part in (self.client, self.server) for p in part.parameters() if p.requires_grad}
+        self.server_blocks = nn.ModuleList(self.glue.blocks[layer:] if server_blocks is None else server_blocks)
+        self.server = nn.ModuleList([*self.server_blocks, *self.glue.server_modules])
+        placed = (self.client, self.glue.blocks[layer:], self.server)  # the model's own blocks, copies or not
+        parts = {id(p) for part in placed for p in part.parameters() if p.requires_grad}
         stray = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in parts]
         if stray:
             raise FedtuneError(f"split learning cannot place the tunable parameter {stray[0]} on client or server")
@@ -233,6 +238,6 @@ class CutModel:
         hidden = packed.new_zeros(*mask.shape, packed.shape[-1])
         hidden[mask.bool()] = packed
         kwargs = self.glue.block_kwargs(hidden, mask)
-        for block in self.glue.blocks[self.layer :]:
+        for block in self.server_blocks:
             hidden = block(hidden, **kwargs)
         return self.glue.norm(hidden) if self.causal_lm else self.glue.head(hidden, mask)

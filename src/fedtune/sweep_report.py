@@ -162,8 +162,8 @@ def aggregate(runs: list[Run]) -> list[Setting]:
         swept = [k for k in group[0].cfg if k not in NOT_SWEPT and len({repr(r.cfg.get(k)) for r in group}) > 1]
         cells: dict[tuple, list[Run]] = defaultdict(list)
         for run in group:
-            # list values (model.client_ranks) as tuples, so they can key a cell
-            cells[tuple(tuple(v) if isinstance(v, list) else v for v in (run.cfg.get(k) for k in swept))].append(run)
+            # list values (model.client_ranks, split.client_profiles) as tuples, so they can key a cell
+            cells[tuple(_hashable(run.cfg.get(k)) for k in swept)].append(run)
         for values in sorted(cells, key=_sort_key):
             cell = cells[values]
             stats = {}
@@ -508,3 +508,7 @@ def write_report(root: str | Path, out: str | Path | None = None) -> Path:
     path = out / "report.md"
     path.write_text(markdown(root, runs, settings, figures))
     return path
+
+
+def _hashable(value):
+    return tuple(_hashable(v) for v in value) if isinstance(value, list) else value
