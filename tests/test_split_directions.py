@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import pytest
@@ -161,7 +162,13 @@ def test_auto_cuts_are_logged_in_the_records(tmp_path, deep, caplog):
     profiles = [[1e6, 1e4, 10.0], [1e15, 1e4, 1e4], [1e15, 1e4, 1e4]]
     cfg = tiny_config(tmp_path, framework="split", split__auto=True, split__client_profiles=profiles,
                       split__server_flops_per_s=1e9, fed__rounds=1)
-    summary, rundir = run_tiny(cfg)
+    log = logging.getLogger("fedtune")  # the CLI stops it propagating to the root (cli._own_log_lines)
+    log.addHandler(caplog.handler)
+    caplog.set_level(logging.INFO, logger="fedtune")
+    try:
+        summary, rundir = run_tiny(cfg)
+    finally:
+        log.removeHandler(caplog.handler)
     fw = SplitFramework(Context.build(cfg))
     assert fw.cuts == [1, 2, 2]  # slow client: 1 block; fast clients: both blocks the model allows
     server = records(rundir, "server")[0]

@@ -235,6 +235,7 @@ def _own_log_lines() -> None:
     log = logging.getLogger("fedtune")
     if not log.handlers:
         log.addHandler(_StderrLines())
+        log.setLevel(logging.INFO)  # what a run decided (split's planned cuts) is shown, like its warnings
         log.propagate = False
 
 

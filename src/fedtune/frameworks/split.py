@@ -65,7 +65,7 @@ class SplitFramework(Framework):
         self.plan = None  # split.auto: each client's modelled cut cost
         if s.auto:
             self.plan = split_plan.plan(self.workloads(depth), s.client_profiles, s.server_flops_per_s)
-            log.warning(split_plan.describe(self.plan))
+            log.info(split_plan.describe(self.plan))
             self.cuts = [c.cut for c in self.plan]
         else:
             self.cuts = list(s.client_layers) or [split_layer_for(s.split_layer, depth)] * self.cfg.fed.clients
