@@ -32,7 +32,13 @@ alone keeps the clients learning, and down-weighting an unsure but right teacher
 A "row" is one example under classify and one answer token under generate (tasks.py), so
 the payload is rows x labels or rows x vocabulary. Dense payloads carry logits (quantized);
 top-k payloads carry the k largest probabilities at temperature T, and the receiver spreads
-the remaining mass over the other entries (compression.topk_decode_distribution)."""
+the remaining mass over the other entries (compression.topk_decode_distribution).
+
+The paper's research directions (kd_directions.py, docs/kd.md) hook in here: ``kd.align`` adds
+the client's label histogram to its upload and weights the server's rows (aggregate, align);
+``kd.public_per_round`` makes every public pass run on the round's selected examples, whose ids
+travel down with the knowledge (selection, next_knowledge); ``kd.logit_rank`` is one more
+encoding (encode_outputs); ``kd.aggregation = "cluster"`` is one more b4."""
 
 from __future__ import annotations
 
@@ -296,7 +302,7 @@ class KDFramework(Framework):
         record = {"rejected": rejected} if rejected else {}
         if not probs:  # nothing usable: the global model stays as it was
             models.set_tunable(ctx.model, self.global_state)
-            flops = self.next_knowledge(rnd, record)["server_flops"]  # next round's rows may differ
+            flops = self.next_knowledge(rnd, record)  # next round's rows may differ from this round's
             return {**record, "kd_rows_kept": 0, "server_flops": flops}
         if cfg.kd.aggregation == "cluster":
             sub, assign = directions.cluster_refine(probs, cfg.kd.clusters)
@@ -320,17 +326,18 @@ class KDFramework(Framework):
             loss, distil_flops = self.distil(teacher, weight, cfg.kd.server_epochs, cfg.kd.server_lr, head_lr,
                                              "server-kd", rnd)
         self.global_state = models.get_tunable(ctx.model)
-        out_flops = self.next_knowledge(rnd, record)["server_flops"]
+        out_flops = self.next_knowledge(rnd, record)
         return {**record, "server_kd_loss": loss, "kd_rows": self.rows, "kd_rows_kept": int(keep.sum()),
                 "server_kd_confidence": float(weight[keep].mean()) if keep.any() else 0.0,
                 "server_flops": distil_flops + out_flops}
 
-    def next_knowledge(self, rnd: int, record: dict) -> dict:
+    def next_knowledge(self, rnd: int, record: dict) -> int:
         """b6: the global model's outputs on all public rows, when the clients distil them or
-        kd.select=entropy ranks by them; what is sent is next round's selected rows, encoded."""
+        kd.select=entropy ranks by them; what is sent is next round's selected rows, encoded.
+        -> the FLOPs spent."""
         cfg = self.cfg.kd
         if not (cfg.client_kd_weight or cfg.select == "entropy"):
-            return {"server_flops": 0}
+            return 0
         outputs, flops = self.public_outputs()
         if cfg.select == "entropy":
             self.scores = directions.per_example(entropy(F.softmax(outputs, -1)), self.row_count)
@@ -339,7 +346,7 @@ class KDFramework(Framework):
             self.knowledge = encode_outputs(sent, cfg)
             if cfg.logit_rank:
                 record["server_logit_rank_error"] = directions.lowrank_error(sent, self.knowledge)
-        return {"server_flops": flops}
+        return flops
 
     def label_histogram(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
         hist = tensors.get("label_hist")
