@@ -42,6 +42,9 @@ class DataConfig:
     prompt_column: str = ""
     response_column: str = ""
     partition_column: str = ""
+    # > 0: the public set is drawn with label y weighted exp(-public_skew * y / (labels - 1)), so its
+    # label distribution is shifted from the private rows' (kd.align's setting; docs/kd.md).
+    public_skew: float = 0.0
 
 
 @dataclass
@@ -122,6 +125,12 @@ class KDConfig:
     logit_dtype: str = "fp32"  # fp32, fp16, int8
     client_kd_weight: float = 0.5  # lambda: client loss = lambda * KD (public) + (1 - lambda) * CE (private)
     confidence_weighting: bool = False  # weight each public row by 1 - H(teacher) / ln(width) (docs/kd.md)
+    # Research directions (docs/kd.md, "Research directions").
+    align: bool = False  # clients upload label histograms; the server weights public rows to their pooled distribution
+    public_per_round: int = 0  # M public examples used and sent per round; 0 = all
+    select: str = "random"  # how the M are chosen: "random", "entropy" or "disagreement"
+    logit_rank: int = 0  # > 0: send a rank-k SVD code of the (row-centred) logits; 0 = off
+    clusters: int = 2  # aggregation = "cluster": groups of clients by the similarity of their outputs
 
 
 @dataclass
@@ -427,7 +436,7 @@ def validate(cfg: RunConfig) -> None:
     _one_of("data.padding", cfg.data.padding, ("dynamic", "max_length"))
     _one_of("data.partition", cfg.data.partition, ("iid", "dirichlet", "length"))
     _one_of("train.optimizer", cfg.train.optimizer, ("adam", "adamw"))
-    _one_of("kd.aggregation", cfg.kd.aggregation, ("mean", "weighted", "entropy"))
+    _one_of("kd.aggregation", cfg.kd.aggregation, ("mean", "weighted", "entropy", "cluster"))
     _one_of("kd.logit_dtype", cfg.kd.logit_dtype, ("fp32", "fp16", "int8"))
     _one_of("split.act_dtype", cfg.split.act_dtype, ("fp32", "fp16", "bf16", "int8"))
     _one_of("flower.sim_backend", cfg.flower.sim_backend, ("thread", "ray"))
@@ -466,6 +475,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_privacy(cfg)
     _validate_secagg(cfg)
     _validate_split_directions(cfg)
+    _validate_kd_directions(cfg)
 
 
 def _validate_sft_and_gpu(cfg: RunConfig) -> None:
@@ -654,6 +664,29 @@ def _validate_secagg(cfg: RunConfig) -> None:
     if not 0 < p.secagg_reconstruction_threshold <= 1:
         raise FedtuneError(f"privacy.secagg_reconstruction_threshold must be in (0, 1] (a fraction of the shares); "
                            f"got {p.secagg_reconstruction_threshold}")
+
+
+def _validate_kd_directions(cfg: RunConfig) -> None:
+    """kd's research directions (docs/kd.md) and the public set's label shift they are measured on."""
+    kd, d = cfg.kd, cfg.data
+    _one_of("kd.select", kd.select, ("random", "entropy", "disagreement"))
+    if not 0 <= kd.public_per_round <= d.public_size:
+        raise FedtuneError(f"kd.public_per_round must be in [0, data.public_size={d.public_size}] (0 = all); "
+                           f"got {kd.public_per_round}")
+    if kd.select != "random" and not kd.public_per_round:
+        raise FedtuneError(f"kd.select={kd.select} chooses among public rows: it needs kd.public_per_round > 0")
+    if kd.logit_rank < 0:
+        raise FedtuneError(f"kd.logit_rank must be >= 0 (0 = off); got {kd.logit_rank}")
+    if kd.logit_rank and kd.logit_topk:
+        raise FedtuneError(f"kd.logit_rank={kd.logit_rank} codes the dense logits; it does not combine with "
+                           f"kd.logit_topk={kd.logit_topk} (set one of them to 0)")
+    if kd.clusters < 1 or (kd.aggregation == "cluster" and kd.clusters > cfg.fed.clients):
+        raise FedtuneError(f"kd.clusters must be in [1, fed.clients={cfg.fed.clients}]; got {kd.clusters}")
+    if not 0.0 <= d.public_skew < float("inf"):
+        raise FedtuneError(f"data.public_skew must be a finite number >= 0 (0 = no shift); got {d.public_skew}")
+    for key, on in (("kd.align", kd.align), ("data.public_skew", d.public_skew)):
+        if on and cfg.train.task == "sft":
+            raise FedtuneError(f"{key} works on labelled rows (train.task classify or generate); got train.task=sft")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

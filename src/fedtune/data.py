@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import os
 import random
 from collections import Counter
@@ -227,7 +228,26 @@ def public_and_private(pool: Rows, test_texts: set[str], cfg: DataConfig, seed: 
             f"data.public_size ({cfg.public_size}) + data.private_size ({private_size}) exceed the "
             f"{len(pool)} training rows available"
         )
-    return pool.subset(order[: cfg.public_size]), pool.subset(order[len(order) - private_size :])
+    public = order[: cfg.public_size]
+    if cfg.public_skew:  # the public set drawn label-skewed; the private set as before from what is left
+        test_rows = [i for i in order if pool.texts[i] in test_texts]
+        public = skewed_order([i for i in order if pool.texts[i] not in test_texts], pool.labels, cfg.public_skew,
+                              seed) + test_rows
+        public = public[: cfg.public_size]
+    chosen = set(public)
+    rest = [i for i in order if i not in chosen]
+    return pool.subset(public), pool.subset(rest[len(rest) - private_size :])
+
+
+def skewed_order(order: list[int], labels: list[int], skew: float, seed: int) -> list[int]:
+    """``order`` reordered so that its front (the public set) draws label y with weight
+    w_y = exp(-skew * y / (labels - 1)): weighted sampling without replacement by the keys
+    E_i / w_y, E_i ~ Exp(1) (Efraimidis and Spirakis, 2006)."""
+    n_labels = max(labels) + 1
+    rng = random.Random(f"public-skew-{seed}")
+    weight = [math.exp(-skew * y / max(n_labels - 1, 1)) for y in range(n_labels)]
+    key = {i: rng.expovariate(1.0) / weight[labels[i]] for i in order}
+    return sorted(order, key=key.__getitem__)
 
 
 def partition(private: Rows, clients: int, cfg: DataConfig, seed: int) -> list[list[int]]:

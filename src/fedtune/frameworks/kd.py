@@ -32,7 +32,13 @@ alone keeps the clients learning, and down-weighting an unsure but right teacher
 A "row" is one example under classify and one answer token under generate (tasks.py), so
 the payload is rows x labels or rows x vocabulary. Dense payloads carry logits (quantized);
 top-k payloads carry the k largest probabilities at temperature T, and the receiver spreads
-the remaining mass over the other entries (compression.topk_decode_distribution)."""
+the remaining mass over the other entries (compression.topk_decode_distribution).
+
+The paper's research directions (kd_directions.py, docs/kd.md) hook in here: ``kd.align`` adds
+the client's label histogram to its upload and weights the server's rows (aggregate, align);
+``kd.public_per_round`` makes every public pass run on the round's selected examples, whose ids
+travel down with the knowledge (selection, next_knowledge); ``kd.logit_rank`` is one more
+encoding (encode_outputs); ``kd.aggregation = "cluster"`` is one more b4."""
 
 from __future__ import annotations
 
@@ -54,6 +60,7 @@ from ..privacy import attacks, dp_sgd
 from ..privacy import outputs as privacy_outputs
 from ..wire import Message
 from ..training import derive_seed, make_optimizer, seeded, train_pass
+from . import kd_directions as directions
 from .base import ClientResult, Context, Framework
 
 log = logging.getLogger(__name__)
@@ -98,6 +105,8 @@ def refine(probs: list[torch.Tensor], weights: list[float], cfg: KDConfig) -> tu
 
 
 def encode_outputs(logits: torch.Tensor, cfg: KDConfig) -> dict[str, torch.Tensor]:
+    if cfg.logit_rank:
+        return directions.lowrank_encode(logits, cfg.logit_rank, cfg.logit_dtype)
     if cfg.logit_topk:
         return topk_encode(F.softmax(logits.float() / cfg.temperature, dim=-1), cfg.logit_topk, cfg.logit_dtype)
     return quantize(logits.float(), cfg.logit_dtype)
@@ -106,6 +115,8 @@ def encode_outputs(logits: torch.Tensor, cfg: KDConfig) -> dict[str, torch.Tenso
 def decode_outputs(t: dict[str, torch.Tensor], cfg: KDConfig, rows: int, width: int) -> torch.Tensor:
     """Payload -> probabilities at temperature T, (rows, width). Raises FedtuneError with the
     reason when the payload is malformed (wrong names or shape, NaN, inf, indices out of range)."""
+    if cfg.logit_rank:
+        return _decode_lowrank(t, cfg, rows, width)
     need = ["values"] + (["index", "width"] if cfg.logit_topk else []) + (["scale"] if cfg.logit_dtype == "int8" else [])
     missing = [k for k in need if k not in t]
     if missing:
@@ -128,6 +139,23 @@ def decode_outputs(t: dict[str, torch.Tensor], cfg: KDConfig, rows: int, width: 
         raise FedtuneError("top-k values are not probabilities")
     probs = topk_decode_distribution(t)
     return probs / probs.sum(-1, keepdim=True)  # int8 rounding can leave the sum slightly off 1
+
+
+def _decode_lowrank(t: dict[str, torch.Tensor], cfg: KDConfig, rows: int, width: int) -> torch.Tensor:
+    need = [f"{p}{k}" for p in ("coef_", "basis_") for k in ("values",) + (("scale",) if cfg.logit_dtype == "int8" else ())]
+    missing = [k for k in need if k not in t]
+    if missing:
+        raise FedtuneError(f"payload lacks {', '.join(missing)}")
+    k = t["coef_values"].shape[-1] if t["coef_values"].dim() == 2 else -1
+    if not 1 <= k <= min(cfg.logit_rank, rows, width) or tuple(t["coef_values"].shape) != (rows, k) \
+            or tuple(t["basis_values"].shape) != (k, width):
+        raise FedtuneError(f"low-rank code has shapes {tuple(t['coef_values'].shape)} and "
+                           f"{tuple(t['basis_values'].shape)}, expected ({rows}, k) and (k, {width}) with "
+                           f"k <= {min(cfg.logit_rank, rows, width)}")
+    logits = directions.lowrank_decode(t)
+    if not torch.isfinite(logits).all():
+        raise FedtuneError(f"values hold NaN or inf in {int((~torch.isfinite(logits)).any(-1).sum())} rows")
+    return F.softmax(logits / cfg.temperature, dim=-1)
 
 
 # --------------------------------------------------------------------------- the framework
@@ -161,6 +189,7 @@ class KDFramework(Framework):
         self.init_state = models.get_tunable(ctx.model)
         self.global_state = dict(self.init_state)
         self.knowledge: dict[str, torch.Tensor] = {}  # what configure sends: the last b6 outputs
+        self.scores: torch.Tensor | None = None  # kd.select's score per public example (none yet: random)
         # Where each public example's rows sit in the payload.
         counts = torch.tensor(ctx.task.rows_per_example(public.labels))
         self.row_count, self.row_start = counts, torch.cumsum(counts, 0) - counts
@@ -171,8 +200,26 @@ class KDFramework(Framework):
             self.width = ctx.task.outputs(ctx.model, first).shape[-1]
 
     # ---- helpers shared by client and server
-    def decode(self, tensors):
-        return decode_outputs(tensors, self.cfg.kd, self.rows, self.width)
+    def decode(self, tensors, rows: int | None = None):
+        return decode_outputs(tensors, self.cfg.kd, self.rows if rows is None else rows, self.width)
+
+    def selection(self, rnd: int) -> torch.Tensor:
+        """The public examples round ``rnd`` uses and sends (kd.public_per_round; 0 = all)."""
+        return directions.select_examples(len(self.row_count), self.cfg.kd.public_per_round, self.scores,
+                                          self.cfg.seed, rnd)
+
+    def full(self, rows: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
+        """A distribution per public row: ``sub`` on ``rows``, uniform (never used) elsewhere."""
+        out = torch.full((self.rows, self.width), 1.0 / self.width)
+        out[rows] = sub.float()
+        return out
+
+    def public_batches(self, examples: torch.Tensor, size: int, seed: int | None = None) -> list[Batch]:
+        """Batches of the given public examples; a batch's ``index`` is a position in ``examples``."""
+        ctx, d = self.ctx, self.cfg.data
+        ex = examples.tolist()
+        return datalib.batches([ctx.ids["public"][i] for i in ex], [ctx.data.public.labels[i] for i in ex], size,
+                               ctx.tokenizer.pad_token_id, d.padding, d.max_length, seed)
 
     def weights(self, teacher: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Each public row's distillation weight: kept or not, times the teacher's confidence in
@@ -195,11 +242,13 @@ class KDFramework(Framework):
         return kd_loss(out, teacher[rows].to(out.device), self.cfg.kd.temperature, weight[rows].to(out.device))
 
     @torch.no_grad()
-    def public_outputs(self) -> tuple[torch.Tensor, int]:
-        """b2 / b6: the current model's outputs on the public set -> (rows x width, FLOPs)."""
+    def public_outputs(self, examples: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+        """b2 / b6: the current model's outputs on the public examples (all by default) -> (their
+        rows x width, FLOPs)."""
         ctx, out, flops = self.ctx, [], 0
+        examples = torch.arange(len(self.row_count)) if examples is None else examples
         ctx.model.eval()
-        for batch in ctx.public_batches():
+        for batch in self.public_batches(examples, self.cfg.train.eval_batch_size):
             out.append(ctx.task.outputs(ctx.model, batch.to(ctx.device)).float().cpu())
             flops += ctx.task.flops(ctx.flops, batch, train=False)
         return torch.cat(out), flops
@@ -228,60 +277,119 @@ class KDFramework(Framework):
         return loss, flops
 
     # ---- server side
-    def configure(self, rnd, cid):  # b7: last round's global outputs (none in round 1)
-        return Message(self.knowledge)
+    def configure(self, rnd, cid):  # b7: last round's global outputs (none in round 1) on this round's rows
+        ids = {"public_ids": self.selection(rnd).to(torch.int32)} if self.cfg.kd.public_per_round else {}
+        return Message({**self.knowledge, **ids})
 
     def aggregate(self, rnd, results):
         cfg, ctx = self.cfg, self.ctx
-        probs, weights, rejected = [], [], {}
+        examples = self.selection(rnd)  # the public examples this round's uploads cover
+        rows = self.rows_of(examples)
+        probs, weights, hists, cids, rejected = [], [], [], [], {}
         for cid in sorted(results):
             msg, metrics = results[cid]
             try:
-                probs.append(self.decode(msg.tensors))  # b4 starts by checking each upload
+                p = self.decode(msg.tensors, len(rows))  # b4 starts by checking each upload
+                hist = self.label_histogram(msg.tensors) if cfg.kd.align else None
             except FedtuneError as exc:
                 rejected[str(cid)] = str(exc)
                 log.warning("round %d: rejected client %s's upload: %s", rnd, cid, exc)
                 continue
+            probs.append(p)
+            hists.append(hist)
+            cids.append(cid)
             weights.append(float(metrics.get("num_samples", 1)))
         record = {"rejected": rejected} if rejected else {}
-        if not probs:  # nothing usable: the global model and its knowledge stay as they were
-            return {**record, "kd_rows_kept": 0}
-        teacher, keep = refine(probs, weights, cfg.kd)
+        if not probs:  # nothing usable: the global model stays as it was
+            models.set_tunable(ctx.model, self.global_state)
+            flops = self.next_knowledge(rnd, record)  # next round's rows may differ from this round's
+            return {**record, "kd_rows_kept": 0, "server_flops": flops}
+        if cfg.kd.aggregation == "cluster":
+            sub, assign = directions.cluster_refine(probs, cfg.kd.clusters)
+            keep_sub = torch.ones(len(rows), dtype=torch.bool)
+            record["kd_clusters"] = {str(c): a for c, a in zip(cids, assign)}
+        else:
+            sub, keep_sub = refine(probs, weights, cfg.kd)
+        if cfg.kd.select == "disagreement":  # scored now, ranked when the next round's rows are chosen
+            if self.scores is None:
+                self.scores = torch.full((len(self.row_count),), float("nan"), dtype=torch.float64)
+            self.scores[examples] = directions.per_example(directions.disagreement(probs), self.row_count[examples])
+        teacher = self.full(rows, sub)
+        keep = torch.zeros(self.rows, dtype=torch.bool)
+        keep[rows] = keep_sub
         weight = self.weights(teacher, keep)
+        if cfg.kd.align:
+            weight[rows] *= self.align(examples, sum(hists), record)
         models.set_tunable(ctx.model, self.global_state)
         head_lr = cfg.kd.server_lr * cfg.train.head_lr / cfg.train.lr  # the head keeps its faster rate
         with seeded(cfg.seed, "server-kd", rnd):  # b5
             loss, distil_flops = self.distil(teacher, weight, cfg.kd.server_epochs, cfg.kd.server_lr, head_lr,
                                              "server-kd", rnd)
         self.global_state = models.get_tunable(ctx.model)
-        out_flops = 0
-        if cfg.kd.client_kd_weight:  # b6, only when the clients distil what it sends
-            outputs, out_flops = self.public_outputs()
-            self.knowledge = encode_outputs(outputs, cfg.kd)
+        out_flops = self.next_knowledge(rnd, record)
         return {**record, "server_kd_loss": loss, "kd_rows": self.rows, "kd_rows_kept": int(keep.sum()),
                 "server_kd_confidence": float(weight[keep].mean()) if keep.any() else 0.0,
                 "server_flops": distil_flops + out_flops}
 
+    def next_knowledge(self, rnd: int, record: dict) -> int:
+        """b6: the global model's outputs on all public rows, when the clients distil them or
+        kd.select=entropy ranks by them; what is sent is next round's selected rows, encoded.
+        -> the FLOPs spent."""
+        cfg = self.cfg.kd
+        if not (cfg.client_kd_weight or cfg.select == "entropy"):
+            return 0
+        outputs, flops = self.public_outputs()
+        if cfg.select == "entropy":
+            self.scores = directions.per_example(entropy(F.softmax(outputs, -1)), self.row_count)
+        if cfg.client_kd_weight:
+            sent = outputs[self.rows_of(self.selection(rnd + 1))]
+            self.knowledge = encode_outputs(sent, cfg)
+            if cfg.logit_rank:
+                record["server_logit_rank_error"] = directions.lowrank_error(sent, self.knowledge)
+        return flops
+
+    def label_histogram(self, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        hist = tensors.get("label_hist")
+        n = self.ctx.data.num_labels
+        if hist is None or tuple(hist.shape) != (n,) or hist.is_floating_point() or (hist < 0).any():
+            raise FedtuneError(f"kd.align needs a label_hist of {n} non-negative integers")
+        return hist.long()
+
+    def align(self, examples: torch.Tensor, pooled: torch.Tensor, record: dict) -> torch.Tensor:
+        """kd.align: each selected public row's weight, w = p_clients(y) / p_public(y) (per example,
+        repeated over its rows). The server owns the public set, labels included, and uses them here."""
+        labels = [self.ctx.data.public.labels[i] for i in examples.tolist()]
+        w = directions.align_weights(pooled, labels)
+        public = directions.label_histogram(labels, self.ctx.data.num_labels)
+        record["kd_align_tv"] = directions.total_variation(pooled, public)  # the shift the weights undo
+        record["kd_align_rows_kept"] = int((w > 0).sum())
+        return torch.repeat_interleave(w, self.row_count[examples])
+
     # ---- client side
-    def client_steps(self, rnd: int, cid: int, epoch: int, distilling: bool) -> list[Step]:
+    def client_steps(self, rnd: int, cid: int, epoch: int, distilling: bool,
+                     examples: torch.Tensor | None = None) -> list[Step]:
         """One epoch: the private batches, each paired (when distilling) with an equal slice of
-        the shuffled public examples, so the pass covers both sets once."""
+        the shuffled public examples (this round's selection; all by default), so the pass covers
+        both sets once."""
         ctx = self.ctx
         private = ctx.client_batches(rnd, cid, epoch)
         if not distilling:
             return [Step(b) for b in private]
-        size = -(-len(ctx.data.public) // max(len(private), 1))  # ceil: at most one slice per private batch
-        public = ctx.batches("public", ctx.data.public.labels, size,
-                             derive_seed(self.cfg.seed, "client-kd", rnd, cid, epoch))
+        examples = torch.arange(len(self.row_count)) if examples is None else examples
+        size = -(-len(examples) // max(len(private), 1))  # ceil: at most one slice per private batch
+        public = self.public_batches(examples, size, derive_seed(self.cfg.seed, "client-kd", rnd, cid, epoch))
         return [Step(b, pb) for b, pb in zip_longest(private, public)]
 
-    def client_train(self, rnd: int, cid: int, teacher: torch.Tensor | None) -> dict:
+    def client_train(self, rnd: int, cid: int, teacher: torch.Tensor | None,
+                     examples: torch.Tensor | None = None) -> dict:
         """b8 + b1: ``train.local_epochs`` mixed passes -> the last epoch's mean CE and KD, and
         the FLOPs of the private and the public rows' forward and backward passes."""
         ctx, cfg = self.ctx, self.cfg
         lam = cfg.kd.client_kd_weight
-        weight = self.weights(teacher, torch.ones(self.rows, dtype=torch.bool)) if teacher is not None else None
-        every = torch.arange(len(ctx.data.public))
+        every = torch.arange(len(self.row_count)) if examples is None else examples
+        sent = torch.zeros(self.rows, dtype=torch.bool)
+        sent[self.rows_of(every)] = True
+        weight = self.weights(teacher, sent) if teacher is not None else None
         flops = {"train": 0, "kd": 0}
         parts: dict[str, list[float]] = {}  # this epoch's CE and KD terms
 
@@ -305,14 +413,14 @@ class KDFramework(Framework):
 
         for epoch in range(cfg.train.local_epochs):
             parts.update(ce=[], kd=[])  # the metrics are the last epoch's, as under fedavg
-            train_pass(ctx.model, self.client_steps(rnd, cid, epoch, teacher is not None), cfg.train, ctx.device,
+            train_pass(ctx.model, self.client_steps(rnd, cid, epoch, teacher is not None, every), cfg.train, ctx.device,
                        ctx.flops, loss_fn, on_step=ctx.on_step, flop_fn=flop_fn)
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
         out = {"train_loss": mean(parts["ce"]),
                "client_flops_train": flops["train"], "client_flops_kd": flops["kd"]}
         if teacher is not None:
             out["client_kd_loss"] = mean(parts["kd"])
-            out["client_kd_confidence"] = float(weight.mean())
+            out["client_kd_confidence"] = float(weight[sent].mean())
         return out
 
     def client_accuracy(self) -> float:
@@ -323,18 +431,21 @@ class KDFramework(Framework):
     def fit(self, rnd, cid, msg, state, link):
         ctx, cfg = self.ctx, self.cfg
         models.set_tunable(ctx.model, state["tunable"] if state else self.init_state)
-        teacher = self.decode(msg.tensors) if msg.tensors and cfg.kd.client_kd_weight else None
+        knowledge = {k: v for k, v in msg.tensors.items() if k != "public_ids"}
+        examples = msg.tensors["public_ids"].long() if "public_ids" in msg.tensors else torch.arange(len(self.row_count))
+        rows = self.rows_of(examples)
+        teacher = self.full(rows, self.decode(knowledge, len(rows))) if knowledge and cfg.kd.client_kd_weight else None
         odp = privacy_outputs.for_client(cfg, len(ctx.data.clients[cid]), state)
         metrics: dict = {}
         if teacher is not None and cfg.kd.client_eval_size:  # so a teacher that hurts shows
             metrics["client_test_accuracy_before"] = self.client_accuracy()
         dp = dp_sgd.for_client(cfg, len(ctx.data.clients[cid]), state)
         if dp is None:
-            metrics.update(self.client_train(rnd, cid, teacher))  # b8 + b1
+            metrics.update(self.client_train(rnd, cid, teacher, examples))  # b8 + b1
         else:  # config.validate holds kd.client_kd_weight = 0 here: b1 alone, as DP-SGD steps
             loss, train_flops = self.local_train(rnd, cid, dp=dp)
             metrics.update(train_loss=loss, client_flops_train=train_flops, client_flops_kd=0, **dp.record())
-        outputs, public_flops = self.public_outputs()  # b2
+        outputs, public_flops = self.public_outputs(examples)  # b2: this round's public examples only
         if odp:  # clipped and noised before they leave the client (privacy.output_noise_multiplier)
             outputs = odp.outputs(outputs)
         if cfg.kd.client_eval_size:
@@ -346,12 +457,20 @@ class KDFramework(Framework):
         )
         # b3: upload the compressed outputs; keep the local model (and the accountant) for the next round
         kept = privacy_outputs.keep(odp, dp_sgd.keep(dp, {"tunable": models.get_tunable(ctx.model)}))
-        return ClientResult(Message(encode_outputs(outputs, cfg.kd)), kept, metrics)
+        up = encode_outputs(outputs, cfg.kd)
+        if cfg.kd.logit_rank:
+            metrics["logit_rank_error"] = directions.lowrank_error(outputs, up)
+        if cfg.kd.align:  # the client's label histogram travels in the metered upload
+            up["label_hist"] = directions.label_histogram(ctx.data.clients[cid].labels, ctx.data.num_labels)
+        if cfg.kd.public_per_round:
+            metrics["kd_public_examples"] = len(examples)
+        return ClientResult(Message(up), kept, metrics)
 
     # ---- checkpointing
     def state_dict(self):
-        return {**super().state_dict(), "knowledge": self.knowledge}
+        return {**super().state_dict(), "knowledge": self.knowledge, "scores": self.scores}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
         self.knowledge = state["knowledge"]
+        self.scores = state.get("scores")  # checkpoints from before kd.select have none
