@@ -257,7 +257,12 @@ def plot_accuracy(settings: list[Setting], path: Path) -> bool:
     groups = {fw: g for fw, g in groups.items() if g}
     if not groups:
         return False
-    fig, axes = plt.subplots(1, len(groups), figsize=(4.2 * len(groups), 3.8), sharey=True, squeeze=False)
+    ticks = {fw: [_tick(s).replace(", ", ",\n") for s in g] for fw, g in groups.items()}
+    lines = [line for t in ticks.values() for tick in t for line in tick.split("\n")]
+    slanted = max(map(len, lines)) > 8  # long setting names would overlap side by side
+    width = max(4.2, 0.8 * max(len(g) for g in groups.values()) + 1.5)
+    height = 3.8 + (0.07 * max(map(len, lines)) + 0.15 * max(t.count("\n") for t in ticks[next(iter(ticks))]) if slanted else 0)
+    fig, axes = plt.subplots(1, len(groups), figsize=(width * len(groups), height), sharey=True, squeeze=False)
     for ax, (fw, group) in zip(axes[0], groups.items()):
         means = [100 * s.stats["final_acc"][0] for s in group]
         stds = [100 * s.stats["final_acc"][1] for s in group]
@@ -265,7 +270,8 @@ def plot_accuracy(settings: list[Setting], path: Path) -> bool:
         ax.bar(x, means, yerr=stds, capsize=4, width=0.6, color=COLORS.get(fw, "gray"), alpha=0.85)
         for xi, m in zip(x, means):
             ax.annotate(f"{m:.1f}", (xi, m), textcoords="offset points", xytext=(0, 6), ha="center", fontsize=8)
-        ax.set_xticks(list(x), [_tick(s) for s in group])
+        ax.set_xticks(list(x), ticks[fw], rotation=30 if slanted else 0, ha="right" if slanted else "center",
+                      fontsize=8 if slanted else None)
         ax.set_xlabel(_axis_label(group))
         ax.set_title(TITLES.get(fw, fw))
     axes[0][0].set_ylabel("final test accuracy (%)")
