@@ -160,3 +160,9 @@ def test_bad_continual_values_give_one_line_errors(overrides, needle):
     with pytest.raises(FedtuneError) as err:
         tiny_config(None, **{k.replace(".", "__"): v for k, v in overrides.items()})
     assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_a_task_without_test_rows_is_a_one_line_error(tmp_path):
+    cfg = tiny_config(tmp_path, continual__tasks=4, fed__rounds=4, data__test_size=2)
+    with pytest.raises(FedtuneError, match="has no test rows to measure forgetting on"):
+        get("fedavg")(Context.build(cfg))

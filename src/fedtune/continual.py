@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from . import data as datalib
+from .errors import FedtuneError
 from .strategies.base import LocalRule, State
 from .training import derive_seed
 
@@ -98,7 +99,14 @@ class Continual:
 
     def __init__(self, cfg, fed: datalib.FedData):
         self.cfg, self.c = cfg, cfg.continual
+        if fed.num_labels < self.c.tasks:
+            raise FedtuneError(f"continual.tasks={self.c.tasks} needs at least as many labels; the data has "
+                               f"{fed.num_labels}")
         self.groups = label_groups(fed.num_labels, self.c.tasks, cfg.seed)
+        empty = [t for t, g in enumerate(self.groups) if not rows_in(fed.test.labels, g)]
+        if empty:
+            raise FedtuneError(f"continual task {empty[0]} has no test rows to measure forgetting on: raise "
+                               f"data.test_size (now {cfg.data.test_size}) or lower continual.tasks")
         self.past: list[dict[str, State]] = []  # the fitting client's EWC terms (see fit)
 
     def task_of(self, rnd: int) -> int:
@@ -190,16 +198,4 @@ class Continual:
 
 
 def make(cfg, fed: datalib.FedData) -> Continual | None:
-    from .errors import FedtuneError
-
-    if cfg.continual.tasks == 1:
-        return None
-    if fed.num_labels < cfg.continual.tasks:
-        raise FedtuneError(f"continual.tasks={cfg.continual.tasks} needs at least as many labels; the data has "
-                           f"{fed.num_labels}")
-    groups = label_groups(fed.num_labels, cfg.continual.tasks, cfg.seed)
-    empty = [t for t, g in enumerate(groups) if not rows_in(fed.test.labels, g)]
-    if empty:
-        raise FedtuneError(f"continual task {empty[0]} has no test rows to measure forgetting on: raise "
-                           f"data.test_size (now {cfg.data.test_size}) or lower continual.tasks")
-    return Continual(cfg, fed)
+    return Continual(cfg, fed) if cfg.continual.tasks > 1 else None
