@@ -155,6 +155,8 @@ def test_flower_simulation_equals_inprocess_with_tasks(tmp_path):
     ({"continual.tasks": 5}, "data.max_labels=4"),
     ({"continual.tasks": 2, "continual.rounds_per_task": 2}, "fed.rounds=2 leaves tasks unseen"),
     ({"continual.tasks": 2, "continual.method": "ewc", "fed.fraction": 0.5}, "fed.fraction=1"),
+    ({"continual.tasks": 2, "continual.method": "ewc", "framework": "split", "privacy.output_noise_multiplier": 1.0},
+     "privacy.output_noise_multiplier"),
 ])
 def test_bad_continual_values_give_one_line_errors(overrides, needle):
     with pytest.raises(FedtuneError) as err:

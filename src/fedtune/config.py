@@ -651,9 +651,9 @@ def _validate_continual(cfg: RunConfig) -> None:
         # Each client keeps its Fisher or replay rows when a task ends: it must take part in that round.
         raise FedtuneError(f"continual.method={c.method} needs fed.fraction=1 (every client closes each task); "
                            f"got {cfg.fed.fraction}")
-    if c.method == "ewc" and cfg.privacy.dp_sgd:
-        raise FedtuneError("continual.method=ewc does not combine with privacy.dp_sgd (its Fisher comes from "
-                           "un-noised gradients)")
+    if c.method == "ewc" and (cfg.privacy.dp_sgd or cfg.privacy.output_noise_multiplier):
+        raise FedtuneError("continual.method=ewc does not combine with privacy.dp_sgd or privacy.output_noise_multiplier "
+                           "(its Fisher pass uses un-noised gradients and activations)")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
