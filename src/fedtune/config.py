@@ -225,6 +225,17 @@ class PrivacyConfig:
 
 
 @dataclass
+class ContinualConfig:
+    """Continual learning (docs/continual.md): the labels arrive in ``tasks`` groups over rounds."""
+
+    tasks: int = 1  # T label groups, one after another; 1 = off
+    rounds_per_task: int = 1  # rounds of each task; the last task also runs any rounds after T * this
+    method: str = "none"  # "none", "ewc" (elastic weight consolidation) or "replay" (rows of past tasks)
+    ewc_lambda: float = 100.0  # ewc: the penalty's weight, lambda/2 * sum F (w - w*)^2 per past task
+    replay_per_task: int = 20  # replay: rows of each past task a client keeps and trains on again
+
+
+@dataclass
 class RunConfig:
     framework: str = "fedavg"  # frameworks.FRAMEWORKS: "fedavg", "kd", "split" or "zo"
     runtime: str = "inprocess"  # runtimes.RUNTIMES: "inprocess", "flower-sim" or "flower"
@@ -241,6 +252,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     zo: ZOConfig = field(default_factory=ZOConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
 
 
 # Presets are overrides on top of the dataclass defaults (which are the demo setting).
@@ -476,6 +488,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_secagg(cfg)
     _validate_split_directions(cfg)
     _validate_kd_directions(cfg)
+    _validate_continual(cfg)
 
 
 def _validate_sft_and_gpu(cfg: RunConfig) -> None:
@@ -687,6 +700,41 @@ def _validate_kd_directions(cfg: RunConfig) -> None:
     for key, on in (("kd.align", kd.align), ("data.public_skew", d.public_skew)):
         if on and cfg.train.task == "sft":
             raise FedtuneError(f"{key} works on labelled rows (train.task classify or generate); got train.task=sft")
+
+
+def _validate_continual(cfg: RunConfig) -> None:
+    c = cfg.continual
+    _one_of("continual.method", c.method, ("none", "ewc", "replay"))
+    if c.tasks < 1 or c.rounds_per_task < 1:
+        raise FedtuneError(f"continual.tasks and continual.rounds_per_task must be >= 1; got {c.tasks}, "
+                           f"{c.rounds_per_task}")
+    if not 0.0 <= c.ewc_lambda < float("inf"):
+        raise FedtuneError(f"continual.ewc_lambda must be a finite number >= 0; got {c.ewc_lambda}")
+    if c.replay_per_task < 0 or (c.method == "replay" and c.replay_per_task < 1):
+        raise FedtuneError(f"continual.replay_per_task must be >= 1 with continual.method=replay (>= 0 otherwise); "
+                           f"got {c.replay_per_task}")
+    if c.tasks == 1:
+        if c.method != "none":
+            raise FedtuneError(f"continual.method={c.method} needs continual.tasks > 1 (1 = continual learning off)")
+        return
+    if cfg.framework not in ("fedavg", "kd", "split"):
+        raise FedtuneError(f"continual.tasks > 1 runs under framework fedavg, kd or split; got {cfg.framework!r}")
+    if cfg.train.task not in ("classify", "generate"):
+        raise FedtuneError(f"continual.tasks > 1 splits the labels of train.task classify or generate; "
+                           f"got {cfg.train.task!r}")
+    if 0 < cfg.data.max_labels < c.tasks:
+        raise FedtuneError(f"continual.tasks={c.tasks} needs at least as many labels; data.max_labels="
+                           f"{cfg.data.max_labels}")
+    if cfg.fed.rounds < c.tasks * c.rounds_per_task:
+        raise FedtuneError(f"fed.rounds={cfg.fed.rounds} leaves tasks unseen: continual.tasks * "
+                           f"continual.rounds_per_task = {c.tasks * c.rounds_per_task}")
+    if c.method != "none" and cfg.fed.fraction < 1.0:
+        # Each client keeps its Fisher or replay rows when a task ends: it must take part in that round.
+        raise FedtuneError(f"continual.method={c.method} needs fed.fraction=1 (every client closes each task); "
+                           f"got {cfg.fed.fraction}")
+    if c.method == "ewc" and (cfg.privacy.dp_sgd or cfg.privacy.output_noise_multiplier):
+        raise FedtuneError("continual.method=ewc does not combine with privacy.dp_sgd or privacy.output_noise_multiplier "
+                           "(its Fisher pass uses un-noised gradients and activations)")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:

@@ -84,5 +84,8 @@ def summarize(records: list[dict[str, Any]], extra: dict[str, Any] | None = None
         "round_seconds": avg("round_seconds") if all(r["round_seconds"] is not None for r in rows) else None,
         "total_mb": sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in records if r["client"] != "server") / MB,
     }
+    from .continual import summary as continual_summary  # the forgetting matrix of a continual run
+
+    summary.update(continual_summary(records))
     summary.update(extra or {})
     return summary

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .. import continual
 from .. import data as datalib
 from .. import models
 from ..tasks import TASKS, make as make_task
@@ -120,6 +121,7 @@ class Framework(ABC):
         self.global_state: dict[str, torch.Tensor] = {}  # the global tunable parameters
         self.strategy = strategies.make(self.cfg)
         self.central_dp = central_dp.make(self.cfg)  # None unless privacy.central_dp
+        self.continual = continual.make(self.cfg, ctx.data)  # None unless continual.tasks > 1
 
     # ---- server side
     @abstractmethod
@@ -153,12 +155,22 @@ class Framework(ABC):
 
             write_samples(self.cfg.out, rnd, ev["samples"])
         ev.pop("samples", None)
-        return {f"test_{k}": v for k, v in ev.items()}
+        out = {f"test_{k}": v for k, v in ev.items()}
+        if self.continual:  # accuracy on each task's test rows: the forgetting matrix's rows
+            with autocast(self.cfg.train, self.ctx.device):
+                out.update(self.continual.evaluate(self, rnd))
+        return out
 
     def serve(self, rnd: int, cid: int, msg: Message) -> Message:
         raise NotImplementedError(f"{self.name} exchanges no messages inside a round")
 
     # ---- client side
+    def client_fit(self, rnd: int, cid: int, msg: Message, state: dict | None, link: Link | None) -> ClientResult:
+        """``fit``, on this round's task's rows when continual learning is on (continual.py)."""
+        if self.continual:
+            return self.continual.fit(self, rnd, cid, msg, state, link)
+        return self.fit(rnd, cid, msg, state, link)
+
     @abstractmethod
     def fit(self, rnd: int, cid: int, msg: Message, state: dict | None, link: Link | None) -> ClientResult: ...
 
@@ -170,7 +182,20 @@ class Framework(ABC):
         rules = [self.strategy.client_rule(extras, state, params)]
         if self.cfg.fed.prox_mu:
             rules.append(Proximal(params, tunable, self.cfg.fed.prox_mu))
+        rules.append(self.continual_rule())
         return tunable, LocalRules(r for r in rules if r is not None)
+
+    def continual_rule(self) -> LocalRule | None:
+        """continual.method=ewc: the penalty of the tasks the fitting client has closed (else None)."""
+        if not self.continual:
+            return None
+        return self.continual.local_rule({n: p for n, p in self.tunable_module().named_parameters() if p.requires_grad})
+
+    def loss_grad(self, batch, link: Link | None, step: int) -> int:
+        """The gradient of the batch's loss in the tunable parameters' ``.grad``, no step taken
+        (EWC's Fisher) -> FLOPs."""
+        self.ctx.task.loss(self.ctx.model, batch).backward()
+        return self.ctx.task.flops(self.ctx.flops, batch, True)
 
     def local_train(self, rnd: int, cid: int, limit: int = 0, rule: LocalRule | None = None,
                     dp=None) -> tuple[float, int]:

@@ -391,6 +391,7 @@ class KDFramework(Framework):
         sent[self.rows_of(every)] = True
         weight = self.weights(teacher, sent) if teacher is not None else None
         flops = {"train": 0, "kd": 0}
+        rule = self.continual_rule()  # continual.method=ewc
         parts: dict[str, list[float]] = {}  # this epoch's CE and KD terms
 
         def loss_fn(model, step: Step):
@@ -414,7 +415,7 @@ class KDFramework(Framework):
         for epoch in range(cfg.train.local_epochs):
             parts.update(ce=[], kd=[])  # the metrics are the last epoch's, as under fedavg
             train_pass(ctx.model, self.client_steps(rnd, cid, epoch, teacher is not None, every), cfg.train, ctx.device,
-                       ctx.flops, loss_fn, on_step=ctx.on_step, flop_fn=flop_fn)
+                       ctx.flops, loss_fn, on_step=ctx.on_step, flop_fn=flop_fn, on_grad=rule.on_grad if rule else None)
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
         out = {"train_loss": mean(parts["ce"]),
                "client_flops_train": flops["train"], "client_flops_kd": flops["kd"]}

@@ -145,9 +145,12 @@ class SplitFramework(Framework):
         act = act_budget.decode(msg.tensors, ACT) if tiered else self.decode_activations(msg.tensors)
         act = act.to(dev).requires_grad_()
         # Seeded per batch: the server's dropout does not depend on which client came first.
+        # A "no_update" message asks for the activations' gradient only (EWC's Fisher, continual.py):
+        # the server part neither steps nor drops out.
+        update = not msg.meta.get("no_update")
         with self.server_lock, seeded(self.cfg.seed, "serve", rnd, cid, msg.meta["step"]):
             start = time.perf_counter()
-            split.server.train()
+            split.server.train(update)
             with autocast(self.cfg.train, dev):
                 out = split.server_forward(act, mask)
                 if split.causal_lm:  # final hidden states: the task applies the LM head at its positions
@@ -159,9 +162,12 @@ class SplitFramework(Framework):
                 loss = F.cross_entropy(out.float(), task.targets(batch))
             self.server_opt.zero_grad(set_to_none=True)
             loss.backward()
-            if self.cfg.train.max_grad_norm:
+            if self.cfg.train.max_grad_norm and update:
                 torch.nn.utils.clip_grad_norm_(split.server.parameters(), self.cfg.train.max_grad_norm)
-            self.server_opt.step()
+            if update:
+                self.server_opt.step()
+            else:
+                self.server_opt.zero_grad(set_to_none=True)
             grad = act.grad
             if tiered:
                 tensors = act_budget.encode_like(grad, msg.tensors, ACT, GRAD)
@@ -175,7 +181,7 @@ class SplitFramework(Framework):
             m = self.server_meter
             m["server_flops"] += task.flops(self.ctx.flops, batch, True, blocks=range(split.layer, split.num_blocks))
             m["server_train_seconds"] += time.perf_counter() - start
-            m["server_train_samples"] += mask.shape[0]
+            m["server_train_samples"] += mask.shape[0] if update else 0
         return reply
 
     def aggregate(self, rnd, results):  # cc2
@@ -297,6 +303,20 @@ class SplitFramework(Framework):
         return [datalib.collate([ids[i] for i in rows], [labels[i] for i in rows], rows, ctx.tokenizer.pad_token_id,
                                 d.padding, d.max_length)
                 for rows in (order[i:i + size] for i in range(0, len(order), size))]
+
+    def loss_grad(self, batch, link, step):
+        """The client part's gradient of the batch's loss through a server that does not step
+        (EWC's Fisher; the exchange is metered like any other) -> the client part's FLOPs."""
+        split = self.split
+        packed = split.client_forward(batch.input_ids, batch.attention_mask)
+        up = self.encode_activations(packed.detach())
+        up.update(mask=split.full_mask(batch.attention_mask).bool(), labels=batch.labels)
+        reply = link.exchange(Message(up, {"step": step, "no_update": True}))
+        grad = compression.dequantize(reply.tensors, GRAD).to(packed.device)
+        if f"{ACT}index" in up:
+            grad = torch.zeros_like(packed).scatter_(-1, up[f"{ACT}index"].long(), grad)
+        packed.backward(grad.to(packed.dtype))
+        return self.ctx.flops.count(*batch.shape, train=True, blocks=range(0, split.layer), head=False)
 
     @staticmethod
     def example_grads(packed, grad, mask, params):

@@ -143,7 +143,7 @@ def run_client(fw: Framework, rnd: int, cid: int, down: bytes, state, link: Mete
     """The client's whole round: decode what the server sent, fit (metered), encode the reply."""
     cfg = fw.cfg
     with seeded(cfg.seed, "fit", rnd, cid), measure(fw.ctx.device) as usage:
-        result = fw.fit(rnd, cid, deserialize(down), state, link)
+        result = fw.client_fit(rnd, cid, deserialize(down), state, link)
     up = serialize(result.message)
     remote = link.remote_seconds if link else 0.0
     record = {
