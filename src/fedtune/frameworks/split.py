@@ -8,7 +8,7 @@ server averages and sends back (cc1-cc4).
 Activations cross the cut packed (real tokens only, see model_cut.py) and, optionally,
 compressed: ``split.act_dtype`` fp16/bf16/int8 (a scale per token) and ``split.act_topk``
 (the fraction of each token's values kept, by magnitude), or per batch under a traffic budget
-(``split.act_budget_mb``, act_budget.py). The client applies the returned gradient to its exact
+(``split.act_budget_mb``, split_budget.py). The client applies the returned gradient to its exact
 activations (straight-through); with top-k the server answers only for the kept entries, the
 others got no gradient.
 
@@ -38,7 +38,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .. import act_budget, compression, models, split_plan
+from .. import compression, models
+from . import split_budget, split_plan
 from .. import data as datalib
 from ..config import split_layer_for
 from ..data import Batch
@@ -142,7 +143,7 @@ class SplitFramework(Framework):
         # The server never sees the token ids: the task's targets follow from the labels.
         batch = Batch(None, mask, msg.tensors["labels"].to(dev), None)
         tiered = f"{ACT}tiers" in msg.tensors
-        act = act_budget.decode(msg.tensors, ACT) if tiered else self.decode_activations(msg.tensors)
+        act = split_budget.decode(msg.tensors, ACT) if tiered else self.decode_activations(msg.tensors)
         act = act.to(dev).requires_grad_()
         # Seeded per batch: the server's dropout does not depend on which client came first.
         # A "no_update" message asks for the activations' gradient only (EWC's Fisher, continual.py):
@@ -170,7 +171,7 @@ class SplitFramework(Framework):
                 self.server_opt.zero_grad(set_to_none=True)
             grad = act.grad
             if tiered:
-                tensors = act_budget.encode_like(grad, msg.tensors, ACT, GRAD)
+                tensors = split_budget.encode_like(grad, msg.tensors, ACT, GRAD)
             else:
                 if f"{ACT}index" in msg.tensors:  # only the kept entries reached the server
                     grad = grad.gather(-1, msg.tensors[f"{ACT}index"].long().to(dev))
@@ -246,7 +247,7 @@ class SplitFramework(Framework):
                     up = Message({**self.encode_activations(sent), **extra}, {"step": step})
                 reply = link.exchange(up)  # c2 ... c4
                 if budget:
-                    grad = act_budget.decode(reply.tensors, GRAD, up.tensors, ACT).to(ctx.device)
+                    grad = split_budget.decode(reply.tensors, GRAD, up.tensors, ACT).to(ctx.device)
                 else:
                     grad = compression.dequantize(reply.tensors, GRAD).to(ctx.device)
                     if f"{ACT}index" in up.tensors:
@@ -345,7 +346,7 @@ class SplitFramework(Framework):
 
 
 class Budget:
-    """A client's activation uploads in one round under ``split.act_budget_mb`` (act_budget.py):
+    """A client's activation uploads in one round under ``split.act_budget_mb`` (split_budget.py):
     each batch gets the bytes left divided by the batches left, and the most precise rung whose
     serialized message fits."""
 
@@ -356,8 +357,8 @@ class Budget:
 
     def message(self, sent: torch.Tensor, extra: dict, step: int) -> Message:
         share = self.left / max(self.batches, 1)
-        for rung in range(len(act_budget.RUNGS)):
-            msg = Message({**act_budget.encode(sent, rung, ACT), **extra}, {"step": step})
+        for rung in range(len(split_budget.RUNGS)):
+            msg = Message({**split_budget.encode(sent, rung, ACT), **extra}, {"step": step})
             size = len(serialize(msg))
             if size <= share:
                 break
@@ -365,7 +366,7 @@ class Budget:
             self.over += 1
         self.left -= size
         self.batches -= 1
-        act_budget.tally(self.tally, msg.tensors, ACT, sent.shape[0])
+        split_budget.tally(self.tally, msg.tensors, ACT, sent.shape[0])
         return msg
 
     def record(self) -> dict:

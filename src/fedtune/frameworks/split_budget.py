@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from . import compression
+from .. import compression
 
 TIERS = ("f32", "f16", "i8", "sp")
 DTYPES = {"f32": "fp32", "f16": "fp16", "i8": "int8", "sp": "int8"}
