@@ -275,9 +275,11 @@ class KDFramework(Framework):
                              derive_seed(self.cfg.seed, "client-kd", rnd, cid, epoch))
         return [Step(b, pb) for b, pb in zip_longest(private, public)]
 
-    def client_train(self, rnd: int, cid: int, teacher: torch.Tensor | None) -> dict:
+    def client_train(self, rnd: int, cid: int, teacher: torch.Tensor | None, dp=None) -> dict:
         """b8 + b1: ``train.local_epochs`` mixed passes -> the last epoch's mean CE and KD, and
-        the FLOPs of the private and the public rows' forward and backward passes."""
+        the FLOPs of the private and the public rows' forward and backward passes. ``dp``
+        (privacy.dp_sgd): each step's CE gradient is DP-SGD's (per-example clip and noise) and
+        its KD gradient on the public slice is added as is (privacy/dp_sgd.private_step)."""
         ctx, cfg = self.ctx, self.cfg
         lam = cfg.kd.client_kd_weight
         weight = self.weights(teacher, torch.ones(self.rows, dtype=torch.bool)) if teacher is not None else None
@@ -303,10 +305,28 @@ class KDFramework(Framework):
             flops["kd"] += f_kd
             return f_train + f_kd
 
+        def private_ce(model, batch: Batch):  # DP-SGD's per-example CE (one-row batches)
+            ce = ctx.task.loss(model, batch)
+            parts["ce"].append(ce.item())
+            return ce
+
+        def public_kd(model, step: Step):
+            if teacher is None or step.public is None:
+                return None
+            kd = self.public_kd_loss(model, step.public, every, teacher, weight)
+            parts["kd"].append(kd.item())
+            return lam * kd
+
         for epoch in range(cfg.train.local_epochs):
             parts.update(ce=[], kd=[])  # the metrics are the last epoch's, as under fedavg
-            train_pass(ctx.model, self.client_steps(rnd, cid, epoch, teacher is not None), cfg.train, ctx.device,
-                       ctx.flops, loss_fn, on_step=ctx.on_step, flop_fn=flop_fn)
+            steps = self.client_steps(rnd, cid, epoch, teacher is not None)
+            if dp is None:
+                train_pass(ctx.model, steps, cfg.train, ctx.device, ctx.flops, loss_fn, on_step=ctx.on_step,
+                           flop_fn=flop_fn)
+            else:
+                dp_sgd.train_pass(ctx.model, steps, cfg.train, ctx.device, ctx.flops, private_ce, dp,
+                                  on_step=ctx.on_step, flop_fn=flop_fn, private_of=lambda step: step.private,
+                                  public_loss=public_kd, weight=1.0 if teacher is None else 1 - lam)
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
         out = {"train_loss": mean(parts["ce"]),
                "client_flops_train": flops["train"], "client_flops_kd": flops["kd"]}
@@ -329,11 +349,9 @@ class KDFramework(Framework):
         if teacher is not None and cfg.kd.client_eval_size:  # so a teacher that hurts shows
             metrics["client_test_accuracy_before"] = self.client_accuracy()
         dp = dp_sgd.for_client(cfg, len(ctx.data.clients[cid]), state)
-        if dp is None:
-            metrics.update(self.client_train(rnd, cid, teacher))  # b8 + b1
-        else:  # config.validate holds kd.client_kd_weight = 0 here: b1 alone, as DP-SGD steps
-            loss, train_flops = self.local_train(rnd, cid, dp=dp)
-            metrics.update(train_loss=loss, client_flops_train=train_flops, client_flops_kd=0, **dp.record())
+        metrics.update(self.client_train(rnd, cid, teacher, dp))  # b8 + b1
+        if dp:
+            metrics.update(dp.record())
         outputs, public_flops = self.public_outputs()  # b2
         if odp:  # clipped and noised before they leave the client (privacy.output_noise_multiplier)
             outputs = odp.outputs(outputs)
