@@ -2,7 +2,10 @@
 and mechanism, from the run directories of experiments/privacy.toml.
 
     fedtune sweep experiments/privacy.toml
-    python benchmarks/privacy_report.py runs/sweep-privacy --out docs/results/privacy
+    python benchmarks/privacy_report.py runs/sweep-privacy --out docs/results/privacy [--earlier OLD_RUNS.json]
+
+``--earlier``: a runs.json of an earlier report; its points that the sweep did not (re)run are
+shown too, marked as earlier measurements (kd's never: its client step changed).
 """
 
 from __future__ import annotations
@@ -18,16 +21,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedtune import config as configlib  # noqa: E402
+from fedtune import sweep as sweeplib  # noqa: E402
 
 STRATEGIES = ["fedavg", "median", "trimmed_mean", "krum", "norm_bound"]
 ATTACKS = ["", "scale", "sign_flip", "gaussian", "label_flip"]
 
 
-def load(sweep: Path) -> tuple[list[dict], list[str]]:
-    runs, unfinished = [], []
+def load(sweep: Path) -> list[dict]:
+    runs = []
     for d in sorted(p for p in sweep.iterdir() if (p / "config.toml").is_file()):
         if not (d / "summary.json").is_file():
-            unfinished.append(d.name)
             continue
         cfg = configlib.flatten(configlib.read_tree(d / "config.toml"))
         records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
@@ -44,15 +47,37 @@ def load(sweep: Path) -> tuple[list[dict], list[str]]:
         runs.append({"name": d.name, "framework": cfg["framework"], "strategy": cfg["fed.strategy"],
                      "attack": cfg["fed.attack"], "mech": mech, "sigma": sigma, "eps": eps, "delta": delta,
                      "acc": json.loads((d / "summary.json").read_text())["final_test_accuracy"]})
-    return runs, unfinished
+    return runs
+
+
+def key(r: dict) -> tuple:
+    return r["framework"], r["strategy"], r["attack"], r["mech"], r["sigma"]
+
+
+def with_earlier(runs: list[dict], earlier: Path | None) -> list[dict]:
+    """``runs`` plus the earlier report's points that are not in ``runs`` (marked ``earlier``)."""
+    if earlier is None:
+        return runs
+    have = {key(r) for r in runs}
+    old = [r for r in json.loads(earlier.read_text()) if key(r) not in have and r["framework"] != "kd"]
+    return runs + [{**r, "earlier": True} for r in old]
+
+
+def not_run(sweep: Path, runs: list[dict]) -> list[str]:
+    """The experiment's points with no result here (neither finished by the sweep nor earlier)."""
+    done = {r["name"] for r in runs}
+    return [p.name for p in sweeplib.load(sweep / "experiment.toml", out=sweep).points if p.name not in done]
+
+
+def pct(r: dict) -> str:
+    return f"{100 * r['acc']:.1f}%" + (" †" if r.get("earlier") else "")
 
 
 def attack_table(runs: list[dict]) -> list[str]:
-    cell = {(r["strategy"], r["attack"]): r["acc"] for r in runs if r["framework"] == "fedavg" and r["mech"] == "none"}
+    cell = {(r["strategy"], r["attack"]): r for r in runs if r["framework"] == "fedavg" and r["mech"] == "none"}
     rows = ["| strategy | " + " | ".join(a or "no attack" for a in ATTACKS) + " |", "|---" * (len(ATTACKS) + 1) + "|"]
     for s in STRATEGIES:
-        rows.append(f"| {s} | " + " | ".join(f"{100 * cell[s, a]:.1f}%" if (s, a) in cell else "not run"
-                                              for a in ATTACKS) + " |")
+        rows.append(f"| {s} | " + " | ".join(pct(cell[s, a]) if (s, a) in cell else "not run" for a in ATTACKS) + " |")
     return rows
 
 
@@ -62,7 +87,7 @@ def dp_table(runs: list[dict]) -> list[str]:
     for r in sorted(dp, key=lambda r: (r["framework"], r["mech"] != "none", r["mech"], r["sigma"])):
         eps = "inf (no DP)" if r["mech"] == "none" else f"{r['eps']:.3g}"
         delta = "" if r["delta"] is None else f"{r['delta']:.3g}"
-        rows.append(f"| {r['framework']} | {r['mech']} | {r['sigma']:g} | {eps} | {delta} | {100 * r['acc']:.1f}% |")
+        rows.append(f"| {r['framework']} | {r['mech']} | {r['sigma']:g} | {eps} | {delta} | {pct(r)} |")
     return rows
 
 
@@ -72,18 +97,20 @@ def figure(runs: list[dict], path: Path) -> None:
     dp = [r for r in runs if r["strategy"] == "fedavg" and not r["attack"]]
     for (fw, mech) in sorted({(r["framework"], r["mech"]) for r in dp}):
         pts = sorted((r["eps"], r["acc"]) for r in dp if r["framework"] == fw and r["mech"] == mech)
+        earlier = " †" if any(r.get("earlier") for r in dp if r["framework"] == fw and r["mech"] == mech) else ""
         if mech == "none":
-            ax.axhline(100 * pts[0][1], color=colors[fw], ls=":", lw=1, label=f"{fw}, no DP")
+            ax.axhline(100 * pts[0][1], color=colors[fw], ls=":", lw=1, label=f"{fw}, no DP{earlier}")
             continue
         ax.plot([e for e, _ in pts], [100 * a for _, a in pts], marker="o" if mech == "DP-SGD" else "s",
-                ls="-" if mech == "DP-SGD" else "--", color=colors[fw], label=f"{fw}, {mech}")
+                ls="-" if mech == "DP-SGD" else "--", color=colors[fw], label=f"{fw}, {mech}{earlier}",
+                fillstyle="none" if earlier else "full")
     ax.axhline(10, color="gray", ls="-.", lw=1, label="chance (10 intents)")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon at the end of the run (log scale; DP-SGD: record level, delta=1/20; central: client level, delta=1/5)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Privacy against accuracy: MiniLM, Banking77 (10 intents), 5 clients, 2 rounds", fontsize=10)
     ax.xaxis.label.set_size(8)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, title="† = earlier run" if any(r.get("earlier") for r in dp) else None, title_fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -92,8 +119,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("sweep", type=Path)
     ap.add_argument("--out", type=Path, default=Path("docs/results/privacy"))
+    ap.add_argument("--earlier", type=Path, help="an earlier report's runs.json: its points the sweep lacks")
     args = ap.parse_args()
-    runs, unfinished = load(args.sweep)
+    runs = load(args.sweep)
+    runs = with_earlier(runs, args.earlier)
     args.out.mkdir(parents=True, exist_ok=True)
     figure(runs, args.out / "accuracy_vs_epsilon.png")
     (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
@@ -102,12 +131,16 @@ def main() -> None:
         "",
         "```bash",
         "fedtune sweep experiments/privacy.toml",
-        f"python benchmarks/privacy_report.py {args.sweep} --out {args.out}",
+        f"python benchmarks/privacy_report.py {args.sweep} --out {args.out}"
+        + (f" --earlier {args.earlier}" if args.earlier else ""),
         "```",
         "",
         "Setting (experiments/privacy.toml): MiniLM-L6 with LoRA r=8, Banking77's 10 most frequent intents "
         "(chance 10%), 5 clients x 20 private rows, 100 test rows, 2 rounds, seed 0, batch 16. Small on purpose: "
         "it ran on a 2-core CPU shared by many jobs. One seed: differences of a few points are noise.",
+        *(["", "† marks a point measured in an earlier run of the same experiment (same setting, seed 0, the "
+               "code before kd's mixed DP-SGD step; kd is always from this run): the sweep did not rerun it."]
+          if any(r.get("earlier") for r in runs) else []),
         "",
         "## Accuracy under attack (fedavg, 1 of 5 clients malicious)",
         "",
@@ -119,7 +152,7 @@ def main() -> None:
         "## Accuracy against epsilon",
         "",
         "DP-SGD: `privacy.clip` = 1, epsilon of a client's records (20 rows, delta = 1/20) after its 4 steps at sampling "
-        "rate 16/20. Central DP: `privacy.update_clip` = 5, epsilon of a whole client (delta = 1/5) after 2 rounds "
+        "rate 16/20 (kd too: its public rows ride in the same steps, unclipped, and cost no epsilon; docs/privacy.md). Central DP: `privacy.update_clip` = 5, epsilon of a whole client (delta = 1/5) after 2 rounds "
         "with all 5 clients sampled. Both from Opacus's RDP accountant.",
         "",
         *dp_table(runs),
@@ -128,13 +161,12 @@ def main() -> None:
         "",
         "## Leakage",
         "",
-        "Token recovery from split learning's activations: [benchmarks/leakage.md](../../../benchmarks/leakage.md).",
+        "Token recovery from split learning's activations and gradient inversion of fedavg's LoRA update: "
+        "[benchmarks/leakage.md](../../../benchmarks/leakage.md).",
         "",
         "## Not measured",
         "",
-        *([f"- {n} (not finished when the results were committed)" for n in unfinished] or ["- every started point finished"]),
-        "- points of experiments/privacy.toml that never started are not listed above: the tables say `not run`.",
-        "- secure aggregation (not implemented).",
+        *([f"- `{n}`: not run (CPU time ran out)" for n in not_run(args.sweep, runs)] or ["- every point ran"]),
         "",
     ]
     (args.out / "report.md").write_text("\n".join(text))
