@@ -100,6 +100,9 @@ def test_target_epsilon_calibrates_the_noise():
     assert steps == 2 * math.ceil(100 / 16)
     dp.accountant.step(dp.noise_multiplier, dp.sample_rate, steps)
     assert dp.accountant.epsilon(dp.delta) == pytest.approx(2.0, rel=0.02) and dp.delta == 1 / 100
+    kd = tiny_config(None, framework="kd", privacy__dp_sgd=True, privacy__target_epsilon=2.0)
+    assert dp_sgd.planned_steps(kd, 100) == steps  # kd's public rows ride in the private steps
+    assert dp_sgd.ClientDP(kd, 100).noise_multiplier == pytest.approx(dp.noise_multiplier)
 
 
 def central(noise, clip, clients=4):
