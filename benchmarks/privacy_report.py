@@ -2,10 +2,7 @@
 and mechanism, from the run directories of experiments/privacy.toml.
 
     fedtune sweep experiments/privacy.toml
-    python benchmarks/privacy_report.py runs/sweep-privacy --out docs/results/privacy [--earlier OLD_RUNS.json]
-
-``--earlier``: a runs.json of an earlier report; its points that the sweep did not (re)run are
-shown too, marked as earlier measurements (kd's never: its client step changed).
+    python benchmarks/privacy_report.py runs/sweep-privacy --out docs/results/privacy
 """
 
 from __future__ import annotations
@@ -50,27 +47,24 @@ def load(sweep: Path) -> list[dict]:
     return runs
 
 
-def key(r: dict) -> tuple:
-    return r["framework"], r["strategy"], r["attack"], r["mech"], r["sigma"]
-
-
-def with_earlier(runs: list[dict], earlier: Path | None) -> list[dict]:
-    """``runs`` plus the earlier report's points that are not in ``runs`` (marked ``earlier``)."""
-    if earlier is None:
-        return runs
-    have = {key(r) for r in runs}
-    old = [r for r in json.loads(earlier.read_text()) if key(r) not in have and r["framework"] != "kd"]
-    return runs + [{**r, "earlier": True} for r in old]
-
-
 def not_run(sweep: Path, runs: list[dict]) -> list[str]:
-    """The experiment's points with no result here (neither finished by the sweep nor earlier)."""
+    """The experiment's points the sweep has not finished."""
     done = {r["name"] for r in runs}
     return [p.name for p in sweeplib.load(sweep / "experiment.toml", out=sweep).points if p.name not in done]
 
 
+def merged(runs: list[dict]) -> list[dict]:
+    """One row per setting: the seeds' mean accuracy, and each seed's in ``accs``."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["framework"], r["strategy"], r["attack"], r["mech"], r["sigma"]), []).append(r)
+    return [{**rs[0], "acc": sum(r["acc"] for r in rs) / len(rs), "accs": [r["acc"] for r in rs]}
+            for rs in groups.values()]
+
+
 def pct(r: dict) -> str:
-    return f"{100 * r['acc']:.1f}%" + (" †" if r.get("earlier") else "")
+    each = " (seeds: " + ", ".join(f"{100 * a:.0f}%" for a in r["accs"]) + ")" if len(r["accs"]) > 1 else ""
+    return f"{100 * r['acc']:.1f}%{each}"
 
 
 def attack_table(runs: list[dict]) -> list[str]:
@@ -95,22 +89,24 @@ def figure(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {"fedavg": "tab:blue", "split": "tab:orange", "kd": "tab:green"}
     dp = [r for r in runs if r["strategy"] == "fedavg" and not r["attack"]]
+    def seeds(fw: str, mech: str) -> str:
+        n = max(len(r["accs"]) for r in dp if r["framework"] == fw and r["mech"] == mech)
+        return f" (mean of {n} seeds)" if n > 1 else ""
+
     for (fw, mech) in sorted({(r["framework"], r["mech"]) for r in dp}):
         pts = sorted((r["eps"], r["acc"]) for r in dp if r["framework"] == fw and r["mech"] == mech)
-        earlier = " †" if any(r.get("earlier") for r in dp if r["framework"] == fw and r["mech"] == mech) else ""
         if mech == "none":
-            ax.axhline(100 * pts[0][1], color=colors[fw], ls=":", lw=1, label=f"{fw}, no DP{earlier}")
+            ax.axhline(100 * pts[0][1], color=colors[fw], ls=":", lw=1, label=f"{fw}, no DP" + seeds(fw, mech))
             continue
         ax.plot([e for e, _ in pts], [100 * a for _, a in pts], marker="o" if mech == "DP-SGD" else "s",
-                ls="-" if mech == "DP-SGD" else "--", color=colors[fw], label=f"{fw}, {mech}{earlier}",
-                fillstyle="none" if earlier else "full")
+                ls="-" if mech == "DP-SGD" else "--", color=colors[fw], label=f"{fw}, {mech}" + seeds(fw, mech))
     ax.axhline(10, color="gray", ls="-.", lw=1, label="chance (10 intents)")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon at the end of the run (log scale; DP-SGD: record level, delta=1/20; central: client level, delta=1/5)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Privacy against accuracy: MiniLM, Banking77 (10 intents), 5 clients, 2 rounds", fontsize=10)
     ax.xaxis.label.set_size(8)
-    ax.legend(fontsize=8, title="† = earlier run" if any(r.get("earlier") for r in dp) else None, title_fontsize=8)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -119,35 +115,31 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("sweep", type=Path)
     ap.add_argument("--out", type=Path, default=Path("docs/results/privacy"))
-    ap.add_argument("--earlier", type=Path, help="an earlier report's runs.json: its points the sweep lacks")
     args = ap.parse_args()
     runs = load(args.sweep)
-    runs = with_earlier(runs, args.earlier)
+    settings = merged(runs)
     args.out.mkdir(parents=True, exist_ok=True)
-    figure(runs, args.out / "accuracy_vs_epsilon.png")
+    figure(settings, args.out / "accuracy_vs_epsilon.png")
     (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
     text = [
         "# Privacy and robustness, measured",
         "",
         "```bash",
         "fedtune sweep experiments/privacy.toml",
-        f"python benchmarks/privacy_report.py {args.sweep} --out {args.out}"
-        + (f" --earlier {args.earlier}" if args.earlier else ""),
+        f"python benchmarks/privacy_report.py {args.sweep} --out {args.out}",
         "```",
         "",
         "Setting (experiments/privacy.toml): MiniLM-L6 with LoRA r=8, Banking77's 10 most frequent intents "
-        "(chance 10%), 5 clients x 20 private rows, 100 test rows, 2 rounds, seed 0, batch 16. Small on purpose: "
-        "it ran on a 2-core CPU shared by many jobs. One seed: differences of a few points are noise.",
-        *(["", "† marks a point measured in an earlier run of the same experiment (same setting, seed 0, the "
-               "code before kd's mixed DP-SGD step; kd is always from this run): the sweep did not rerun it."]
-          if any(r.get("earlier") for r in runs) else []),
+        "(chance 10%), 5 clients x 20 private rows, 100 test rows, 2 rounds, batch 16, seed 0 (more seeds "
+        "where listed: the mean, then each seed). Small on purpose: it ran on a 2-core CPU shared by many jobs; with "
+        "100 test rows, differences of a few points are noise.",
         "",
         "## Accuracy under attack (fedavg, 1 of 5 clients malicious)",
         "",
         "Client 0 attacks; `fed.attack_scale` = 10 (scale: 10 x its update; gaussian: noise of 10 x the update's RMS); "
         "`fed.trim_fraction` = 0.2, `fed.krum_f` = 1, `fed.norm_bound` = 3.",
         "",
-        *attack_table(runs),
+        *attack_table(settings),
         "",
         "## Accuracy against epsilon",
         "",
@@ -155,7 +147,7 @@ def main() -> None:
         "rate 16/20 (kd too: its public rows ride in the same steps, unclipped, and cost no epsilon; docs/privacy.md). Central DP: `privacy.update_clip` = 5, epsilon of a whole client (delta = 1/5) after 2 rounds "
         "with all 5 clients sampled. Both from Opacus's RDP accountant.",
         "",
-        *dp_table(runs),
+        *dp_table(settings),
         "",
         "![accuracy against epsilon](accuracy_vs_epsilon.png)",
         "",
