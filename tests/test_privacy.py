@@ -286,3 +286,11 @@ def test_kd_mixed_step_clips_the_private_examples_and_adds_the_public_term(kd):
         expected = (1 - lam) * mean + (0 if public[i] is None else public[i].double())  # lambda is in kd_term
         assert torch.allclose(p.grad.double(), expected, atol=1e-6), i
     assert dp.accountant.steps == 1
+
+
+def test_kd_under_dp_sgd_resumes_to_the_same_metrics(tmp_path):
+    """The accountant and the noise of kd's mixed DP-SGD steps survive a kill and --resume."""
+    a = assert_resume_matches(tmp_path, framework="kd", privacy__dp_sgd=True, fed__rounds=3, data__private_size=48,
+                              data__public_size=16, data__test_size=16, kd__client_eval_size=0)
+    last = [r for r in a if r["client"] == 0][-1]
+    assert last["round"] == 3 and last["dp_steps"] == 3 and last["client_kd_loss"] > 0
