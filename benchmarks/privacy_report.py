@@ -18,16 +18,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from fedtune import config as configlib  # noqa: E402
+from fedtune import sweep as sweeplib  # noqa: E402
 
 STRATEGIES = ["fedavg", "median", "trimmed_mean", "krum", "norm_bound"]
 ATTACKS = ["", "scale", "sign_flip", "gaussian", "label_flip"]
 
 
-def load(sweep: Path) -> tuple[list[dict], list[str]]:
-    runs, unfinished = [], []
+def load(sweep: Path) -> list[dict]:
+    runs = []
     for d in sorted(p for p in sweep.iterdir() if (p / "config.toml").is_file()):
         if not (d / "summary.json").is_file():
-            unfinished.append(d.name)
             continue
         cfg = configlib.flatten(configlib.read_tree(d / "config.toml"))
         records = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
@@ -44,15 +44,34 @@ def load(sweep: Path) -> tuple[list[dict], list[str]]:
         runs.append({"name": d.name, "framework": cfg["framework"], "strategy": cfg["fed.strategy"],
                      "attack": cfg["fed.attack"], "mech": mech, "sigma": sigma, "eps": eps, "delta": delta,
                      "acc": json.loads((d / "summary.json").read_text())["final_test_accuracy"]})
-    return runs, unfinished
+    return runs
+
+
+def not_run(sweep: Path, runs: list[dict]) -> list[str]:
+    """The experiment's points the sweep has not finished."""
+    done = {r["name"] for r in runs}
+    return [p.name for p in sweeplib.load(sweep / "experiment.toml", out=sweep).points if p.name not in done]
+
+
+def merged(runs: list[dict]) -> list[dict]:
+    """One row per setting: the seeds' mean accuracy, and each seed's in ``accs``."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["framework"], r["strategy"], r["attack"], r["mech"], r["sigma"]), []).append(r)
+    return [{**rs[0], "acc": sum(r["acc"] for r in rs) / len(rs), "accs": [r["acc"] for r in rs]}
+            for rs in groups.values()]
+
+
+def pct(r: dict) -> str:
+    each = " (seeds: " + ", ".join(f"{100 * a:.0f}%" for a in r["accs"]) + ")" if len(r["accs"]) > 1 else ""
+    return f"{100 * r['acc']:.1f}%{each}"
 
 
 def attack_table(runs: list[dict]) -> list[str]:
-    cell = {(r["strategy"], r["attack"]): r["acc"] for r in runs if r["framework"] == "fedavg" and r["mech"] == "none"}
+    cell = {(r["strategy"], r["attack"]): r for r in runs if r["framework"] == "fedavg" and r["mech"] == "none"}
     rows = ["| strategy | " + " | ".join(a or "no attack" for a in ATTACKS) + " |", "|---" * (len(ATTACKS) + 1) + "|"]
     for s in STRATEGIES:
-        rows.append(f"| {s} | " + " | ".join(f"{100 * cell[s, a]:.1f}%" if (s, a) in cell else "not run"
-                                              for a in ATTACKS) + " |")
+        rows.append(f"| {s} | " + " | ".join(pct(cell[s, a]) if (s, a) in cell else "not run" for a in ATTACKS) + " |")
     return rows
 
 
@@ -62,7 +81,7 @@ def dp_table(runs: list[dict]) -> list[str]:
     for r in sorted(dp, key=lambda r: (r["framework"], r["mech"] != "none", r["mech"], r["sigma"])):
         eps = "inf (no DP)" if r["mech"] == "none" else f"{r['eps']:.3g}"
         delta = "" if r["delta"] is None else f"{r['delta']:.3g}"
-        rows.append(f"| {r['framework']} | {r['mech']} | {r['sigma']:g} | {eps} | {delta} | {100 * r['acc']:.1f}% |")
+        rows.append(f"| {r['framework']} | {r['mech']} | {r['sigma']:g} | {eps} | {delta} | {pct(r)} |")
     return rows
 
 
@@ -70,13 +89,17 @@ def figure(runs: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = {"fedavg": "tab:blue", "split": "tab:orange", "kd": "tab:green"}
     dp = [r for r in runs if r["strategy"] == "fedavg" and not r["attack"]]
+    def seeds(fw: str, mech: str) -> str:
+        n = max(len(r["accs"]) for r in dp if r["framework"] == fw and r["mech"] == mech)
+        return f" (mean of {n} seeds)" if n > 1 else ""
+
     for (fw, mech) in sorted({(r["framework"], r["mech"]) for r in dp}):
         pts = sorted((r["eps"], r["acc"]) for r in dp if r["framework"] == fw and r["mech"] == mech)
         if mech == "none":
-            ax.axhline(100 * pts[0][1], color=colors[fw], ls=":", lw=1, label=f"{fw}, no DP")
+            ax.axhline(100 * pts[0][1], color=colors[fw], ls=":", lw=1, label=f"{fw}, no DP" + seeds(fw, mech))
             continue
         ax.plot([e for e, _ in pts], [100 * a for _, a in pts], marker="o" if mech == "DP-SGD" else "s",
-                ls="-" if mech == "DP-SGD" else "--", color=colors[fw], label=f"{fw}, {mech}")
+                ls="-" if mech == "DP-SGD" else "--", color=colors[fw], label=f"{fw}, {mech}" + seeds(fw, mech))
     ax.axhline(10, color="gray", ls="-.", lw=1, label="chance (10 intents)")
     ax.set_xscale("log")
     ax.set_xlabel("epsilon at the end of the run (log scale; DP-SGD: record level, delta=1/20; central: client level, delta=1/5)")
@@ -93,9 +116,10 @@ def main() -> None:
     ap.add_argument("sweep", type=Path)
     ap.add_argument("--out", type=Path, default=Path("docs/results/privacy"))
     args = ap.parse_args()
-    runs, unfinished = load(args.sweep)
+    runs = load(args.sweep)
+    settings = merged(runs)
     args.out.mkdir(parents=True, exist_ok=True)
-    figure(runs, args.out / "accuracy_vs_epsilon.png")
+    figure(settings, args.out / "accuracy_vs_epsilon.png")
     (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
     text = [
         "# Privacy and robustness, measured",
@@ -106,35 +130,35 @@ def main() -> None:
         "```",
         "",
         "Setting (experiments/privacy.toml): MiniLM-L6 with LoRA r=8, Banking77's 10 most frequent intents "
-        "(chance 10%), 5 clients x 20 private rows, 100 test rows, 2 rounds, seed 0, batch 16. Small on purpose: "
-        "it ran on a 2-core CPU shared by many jobs. One seed: differences of a few points are noise.",
+        "(chance 10%), 5 clients x 20 private rows, 100 test rows, 2 rounds, batch 16, seed 0 (more seeds "
+        "where listed: the mean, then each seed). Small on purpose: it ran on a 2-core CPU shared by many jobs; with "
+        "100 test rows, differences of a few points are noise.",
         "",
         "## Accuracy under attack (fedavg, 1 of 5 clients malicious)",
         "",
         "Client 0 attacks; `fed.attack_scale` = 10 (scale: 10 x its update; gaussian: noise of 10 x the update's RMS); "
         "`fed.trim_fraction` = 0.2, `fed.krum_f` = 1, `fed.norm_bound` = 3.",
         "",
-        *attack_table(runs),
+        *attack_table(settings),
         "",
         "## Accuracy against epsilon",
         "",
         "DP-SGD: `privacy.clip` = 1, epsilon of a client's records (20 rows, delta = 1/20) after its 4 steps at sampling "
-        "rate 16/20. Central DP: `privacy.update_clip` = 5, epsilon of a whole client (delta = 1/5) after 2 rounds "
+        "rate 16/20 (kd too: its public rows ride in the same steps, unclipped, and cost no epsilon; docs/privacy.md). Central DP: `privacy.update_clip` = 5, epsilon of a whole client (delta = 1/5) after 2 rounds "
         "with all 5 clients sampled. Both from Opacus's RDP accountant.",
         "",
-        *dp_table(runs),
+        *dp_table(settings),
         "",
         "![accuracy against epsilon](accuracy_vs_epsilon.png)",
         "",
         "## Leakage",
         "",
-        "Token recovery from split learning's activations: [benchmarks/leakage.md](../../../benchmarks/leakage.md).",
+        "Token recovery from split learning's activations and gradient inversion of fedavg's LoRA update: "
+        "[benchmarks/leakage.md](../../../benchmarks/leakage.md).",
         "",
         "## Not measured",
         "",
-        *([f"- {n} (not finished when the results were committed)" for n in unfinished] or ["- every started point finished"]),
-        "- points of experiments/privacy.toml that never started are not listed above: the tables say `not run`.",
-        "- secure aggregation (not implemented).",
+        *([f"- `{n}`: not run (CPU time ran out)" for n in not_run(args.sweep, runs)] or ["- every point ran"]),
         "",
     ]
     (args.out / "report.md").write_text("\n".join(text))

@@ -100,6 +100,9 @@ def test_target_epsilon_calibrates_the_noise():
     assert steps == 2 * math.ceil(100 / 16)
     dp.accountant.step(dp.noise_multiplier, dp.sample_rate, steps)
     assert dp.accountant.epsilon(dp.delta) == pytest.approx(2.0, rel=0.02) and dp.delta == 1 / 100
+    kd = tiny_config(None, framework="kd", privacy__dp_sgd=True, privacy__target_epsilon=2.0)
+    assert dp_sgd.planned_steps(kd, 100) == steps  # kd's public rows ride in the private steps
+    assert dp_sgd.ClientDP(kd, 100).noise_multiplier == pytest.approx(dp.noise_multiplier)
 
 
 def central(noise, clip, clients=4):
@@ -133,18 +136,20 @@ def test_central_dp_clips_each_update_and_noises_the_sum():
 
 @pytest.mark.parametrize("framework", ["fedavg", "kd", "split"])
 def test_every_framework_reports_a_growing_epsilon(tmp_path, framework):
-    cfg = tiny_config(tmp_path, framework=framework, privacy__dp_sgd=True, privacy__noise_multiplier=1.0,
-                      data__private_size=48, data__public_size=16, data__test_size=16, split__split_layer=1,
-                      kd__client_eval_size=0, kd__client_kd_weight=0.0)
+    cfg = tiny_config(tmp_path, framework=framework, privacy__dp_sgd=True, privacy__noise_multiplier=1.3,
+                      data__private_size=60, data__public_size=16, data__test_size=16, split__split_layer=1,
+                      kd__client_eval_size=0, train__batch_size=8)
     _, rundir = run_tiny(cfg)
     by_client = [r for r in records(rundir) if r["client"] == 0]
     assert [r["round"] for r in by_client] == [1, 2]
-    assert 0 < by_client[0]["epsilon"] < by_client[1]["epsilon"] < math.inf and by_client[0]["delta"] == 1 / 16
-    local_steps = math.ceil(16 / 16)
-    assert by_client[1]["dp_steps"] == 2 * local_steps
-    if framework == "kd":  # the mixed private/public step has no per-example DP-SGD yet
-        with pytest.raises(FedtuneError, match="kd.client_kd_weight=0"):
-            tiny_config(tmp_path, framework="kd", privacy__dp_sgd=True)
+    assert 0 < by_client[0]["epsilon"] < by_client[1]["epsilon"] < math.inf and by_client[0]["delta"] == 1 / 20
+    steps = 2 * math.ceil(20 / 8)  # kd too: its public rows ride in the private steps and are not counted
+    assert by_client[1]["dp_steps"] == steps
+    reference = Accountant()
+    reference.step(1.3, 8 / 20, steps)  # q = batch / client rows
+    assert by_client[1]["epsilon"] == pytest.approx(reference.epsilon(1 / 20), rel=1e-12)
+    if framework == "kd":  # round 2 distilled under DP-SGD (kd.client_kd_weight = 0.5 by default)
+        assert by_client[1]["client_kd_loss"] > 0 and by_client[1]["client_flops_kd"] > 0
 
 
 def test_dp_and_attack_keys_resume_to_the_same_metrics(tmp_path):
@@ -212,3 +217,80 @@ def test_split_example_gradients_sum_to_the_batch_gradient(ctx):
     for i, w in enumerate(whole):
         if w is not None:
             assert torch.allclose(sum(e[i] for e in each) / len(each), w, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def kd():
+    from fedtune.frameworks.kd import KDFramework
+
+    cfg = tiny_config(None, framework="kd", model__lora_dropout=0.0, data__private_size=60, data__public_size=24,
+                      data__test_size=16, train__batch_size=8, kd__client_eval_size=0)
+    ctx = Context.build(cfg)
+    for m in ctx.model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    fw = KDFramework(ctx)
+    teacher = torch.softmax(torch.randn(fw.rows, fw.width, generator=torch.Generator().manual_seed(3)), -1)
+    return fw, teacher
+
+
+def kd_dp(clip, noise):
+    cfg = RunConfig()
+    cfg.framework, cfg.train.batch_size = "kd", 8
+    cfg.privacy.dp_sgd, cfg.privacy.noise_multiplier, cfg.privacy.clip = True, noise, clip
+    return dp_sgd.ClientDP(cfg, 20)
+
+
+def test_kd_mixed_step_without_noise_and_clip_is_plain_kd(kd):
+    fw, teacher = kd
+    start = models.get_tunable(fw.ctx.model)
+    plain_metrics = fw.client_train(2, 0, teacher)
+    plain = models.get_tunable(fw.ctx.model)
+    models.set_tunable(fw.ctx.model, start)
+    dp = kd_dp(math.inf, 0.0)
+    private_metrics = fw.client_train(2, 0, teacher, dp)
+    private = models.get_tunable(fw.ctx.model)
+    noised_dp = kd_dp(0.05, 1.0)
+    models.set_tunable(fw.ctx.model, start)
+    fw.client_train(2, 0, teacher, noised_dp)
+    noised = models.get_tunable(fw.ctx.model)
+    models.set_tunable(fw.ctx.model, start)
+    assert plain_metrics["client_kd_loss"] == pytest.approx(private_metrics["client_kd_loss"], rel=1e-4)
+    assert any(not torch.equal(plain[k], start[k]) for k in plain)
+    for k in plain:
+        assert torch.allclose(private[k], plain[k], atol=1e-5, rtol=1e-4), k
+    assert any(not torch.allclose(noised[k], plain[k], atol=1e-4) for k in plain)
+    assert dp.accountant.steps == math.ceil(20 / 8) == noised_dp.accountant.steps  # one per private batch
+
+
+def test_kd_mixed_step_clips_the_private_examples_and_adds_the_public_term(kd):
+    """One step by hand in float64: (1 - lambda) x mean of clipped per-example CE gradients + lambda x
+    the KD gradient of the public slice, unclipped."""
+    fw, teacher = kd
+    ctx, lam = fw.ctx, fw.cfg.kd.client_kd_weight
+    model = ctx.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    step = fw.client_steps(2, 0, 0, distilling=True)[0]
+    every, weight = torch.arange(len(ctx.data.public)), torch.ones(fw.rows)
+    kd_term = lambda: lam * fw.public_kd_loss(model, step.public, every, teacher, weight)  # noqa: E731
+    norm = lambda gs: math.sqrt(sum(float(g.double().pow(2).sum()) for g in gs if g is not None))  # noqa: E731
+    raw = list(dp_sgd.example_grads(model, params, ctx.task.loss, step.private, []))
+    public = torch.autograd.grad(kd_term(), params, allow_unused=True)
+    clip = 0.5 * min([norm(g) for g in raw] + [norm(public)])  # every example, and the public term, over it
+    clipped = [dp_sgd.clip_example(g, clip) for g in raw]
+    assert len(clipped) == 8 and all(norm(c) <= clip * (1 + 1e-6) for c in clipped)
+    dp = kd_dp(clip, 0.0)
+    dp_sgd.private_step(model, params, ctx.task.loss, step.private, dp, kd_term, 1 - lam)
+    for i, p in enumerate(params):
+        mean = sum(c[i].double() for c in clipped if c[i] is not None) / len(clipped)
+        expected = (1 - lam) * mean + (0 if public[i] is None else public[i].double())  # lambda is in kd_term
+        assert torch.allclose(p.grad.double(), expected, atol=1e-6), i
+    assert dp.accountant.steps == 1
+
+
+def test_kd_under_dp_sgd_resumes_to_the_same_metrics(tmp_path):
+    """The accountant and the noise of kd's mixed DP-SGD steps survive a kill and --resume."""
+    a = assert_resume_matches(tmp_path, framework="kd", privacy__dp_sgd=True, fed__rounds=3, data__private_size=48,
+                              data__public_size=16, data__test_size=16, kd__client_eval_size=0)
+    last = [r for r in a if r["client"] == 0][-1]
+    assert last["round"] == 3 and last["dp_steps"] == 3 and last["client_kd_loss"] > 0

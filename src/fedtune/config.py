@@ -530,9 +530,6 @@ def _validate_strategy(cfg: RunConfig) -> None:
         # SCAFFOLD's client variate is built from raw local gradients: it would leak past DP-SGD.
         raise FedtuneError("privacy.dp_sgd does not combine with fed.strategy=scaffold (its client variate "
                            "comes from un-noised gradients)")
-    if cfg.privacy.dp_sgd and cfg.framework == "kd" and cfg.kd.client_kd_weight > 0:
-        raise FedtuneError("privacy.dp_sgd under kd needs kd.client_kd_weight=0 for now: the mixed private/public "
-                           "step has no per-example DP-SGD yet")
     if f.prox_mu < 0:
         raise FedtuneError(f"fed.prox_mu must be >= 0 (0 = no proximal term); got {f.prox_mu}")
     if f.server_lr <= 0:

@@ -381,9 +381,11 @@ class KDFramework(Framework):
         return [Step(b, pb) for b, pb in zip_longest(private, public)]
 
     def client_train(self, rnd: int, cid: int, teacher: torch.Tensor | None,
-                     examples: torch.Tensor | None = None) -> dict:
+                     examples: torch.Tensor | None = None, dp=None) -> dict:
         """b8 + b1: ``train.local_epochs`` mixed passes -> the last epoch's mean CE and KD, and
-        the FLOPs of the private and the public rows' forward and backward passes."""
+        the FLOPs of the private and the public rows' forward and backward passes. ``dp``
+        (privacy.dp_sgd): each step's CE gradient is DP-SGD's (per-example clip and noise) and
+        its KD gradient on the public slice is added as is (privacy/dp_sgd.private_step)."""
         ctx, cfg = self.ctx, self.cfg
         lam = cfg.kd.client_kd_weight
         every = torch.arange(len(self.row_count)) if examples is None else examples
@@ -412,10 +414,28 @@ class KDFramework(Framework):
             flops["kd"] += f_kd
             return f_train + f_kd
 
+        def private_ce(model, batch: Batch):  # DP-SGD's per-example CE (one-row batches)
+            ce = ctx.task.loss(model, batch)
+            parts["ce"].append(ce.item())
+            return ce
+
+        def public_kd(model, step: Step):
+            if teacher is None or step.public is None:
+                return None
+            kd = self.public_kd_loss(model, step.public, every, teacher, weight)
+            parts["kd"].append(kd.item())
+            return lam * kd
+
         for epoch in range(cfg.train.local_epochs):
             parts.update(ce=[], kd=[])  # the metrics are the last epoch's, as under fedavg
-            train_pass(ctx.model, self.client_steps(rnd, cid, epoch, teacher is not None, every), cfg.train, ctx.device,
-                       ctx.flops, loss_fn, on_step=ctx.on_step, flop_fn=flop_fn, on_grad=rule.on_grad if rule else None)
+            steps = self.client_steps(rnd, cid, epoch, teacher is not None, every)
+            if dp is None:
+                train_pass(ctx.model, steps, cfg.train, ctx.device, ctx.flops, loss_fn, on_step=ctx.on_step,
+                           flop_fn=flop_fn, on_grad=rule.on_grad if rule else None)
+            else:  # config.validate keeps continual.method=ewc (rule) away from DP-SGD
+                dp_sgd.train_pass(ctx.model, steps, cfg.train, ctx.device, ctx.flops, private_ce, dp,
+                                  on_step=ctx.on_step, flop_fn=flop_fn, private_of=lambda step: step.private,
+                                  public_loss=public_kd, weight=1.0 if teacher is None else 1 - lam)
         mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
         out = {"train_loss": mean(parts["ce"]),
                "client_flops_train": flops["train"], "client_flops_kd": flops["kd"]}
@@ -441,11 +461,9 @@ class KDFramework(Framework):
         if teacher is not None and cfg.kd.client_eval_size:  # so a teacher that hurts shows
             metrics["client_test_accuracy_before"] = self.client_accuracy()
         dp = dp_sgd.for_client(cfg, len(ctx.data.clients[cid]), state)
-        if dp is None:
-            metrics.update(self.client_train(rnd, cid, teacher, examples))  # b8 + b1
-        else:  # config.validate holds kd.client_kd_weight = 0 here: b1 alone, as DP-SGD steps
-            loss, train_flops = self.local_train(rnd, cid, dp=dp)
-            metrics.update(train_loss=loss, client_flops_train=train_flops, client_flops_kd=0, **dp.record())
+        metrics.update(self.client_train(rnd, cid, teacher, examples, dp))  # b8 + b1
+        if dp:
+            metrics.update(dp.record())
         outputs, public_flops = self.public_outputs(examples)  # b2: this round's public examples only
         if odp:  # clipped and noised before they leave the client (privacy.output_noise_multiplier)
             outputs = odp.outputs(outputs)

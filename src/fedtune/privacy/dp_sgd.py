@@ -5,14 +5,18 @@ sum; Opacus's RDP accountant counts each step at sampling rate batch_size / clie
 
 Per-example gradients come from one backward pass per example (no per-sample hooks), so any
 model, task and loss works unchanged; it costs about batch_size times a batched backward.
-Under kd the client's distillation steps on the public set are DP-SGD steps too and are
-counted at the same rate: they touch no private row, so this over-counts (an upper bound)."""
+
+Under kd each step also carries a slice of public rows (kd's mixed step): the private examples'
+gradients are clipped and noised as above, the public rows' distillation gradient is added
+unclipped and un-noised (``public_loss`` in ``private_step``). The distillation term reads the
+public rows, the current (already privatized) weights and the server's teacher, never a private
+row, so the accountant counts the private batches only, at rate batch_size / client rows."""
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -49,10 +53,7 @@ def planned_steps(cfg, n_records: int) -> int:
     ``privacy.target_epsilon`` calibrates the noise for."""
     per_epoch = lambda rows: math.ceil(rows / cfg.train.batch_size)  # noqa: E731
     rows = min(cfg.split.samples_per_round or n_records, n_records) if cfg.framework == "split" else n_records
-    steps = cfg.fed.rounds * cfg.train.local_epochs * per_epoch(rows)
-    if cfg.framework == "kd":  # client distillation from round 2, when the first knowledge arrives
-        steps += (cfg.fed.rounds - 1) * cfg.kd.client_kd_epochs * per_epoch(cfg.data.public_size)
-    return steps
+    return cfg.fed.rounds * cfg.train.local_epochs * per_epoch(rows)  # kd's public rows ride in the same steps
 
 
 calibrate_cached = functools.lru_cache(maxsize=64)(calibrate)
@@ -110,16 +111,33 @@ def keep(dp: ClientDP | None, state: dict | None) -> dict | None:
     return state if dp is None else {**(state or {}), "dp": dp.state_dict()}
 
 
+def private_step(model, params: list[nn.Parameter], loss_fn, private: Batch, dp: ClientDP,
+                 public_loss: Callable[[], torch.Tensor | None] | None = None, weight: float = 1.0) -> float:
+    """Set each ``p.grad`` to ``weight`` x the DP-SGD gradient of ``loss_fn`` over ``private``'s
+    examples, plus the plain gradient of ``public_loss()`` (kd: lambda x KD on public rows, None
+    when the step has none) -> the step's loss, weight x mean private loss + public loss."""
+    losses: list[float] = []
+    dp.step(params, example_grads(model, params, loss_fn, private, losses))
+    loss = weight * sum(losses) / max(len(losses), 1)
+    extra = public_loss() if public_loss else None
+    public = torch.autograd.grad(extra, params, allow_unused=True) if extra is not None else [None] * len(params)
+    for p, g in zip(params, public):
+        p.grad = p.grad * weight if g is None else p.grad * weight + g
+    return loss + (extra.item() if extra is not None else 0.0)
+
+
 def train_pass(model, batches, cfg, device, flops, loss_fn, dp: ClientDP, optimizer=None, on_step=None,
-               flop_fn=None, on_grad=None) -> tuple[float, int]:
+               flop_fn=None, on_grad=None, private_of=None, public_loss=None, weight: float = 1.0
+               ) -> tuple[float, int]:
     """``training.train_pass`` with DP-SGD steps (train.max_grad_norm is replaced by the
     per-example clip). ``on_grad`` (FedProx's term) acts on the privatized gradient: it reads no
-    private row, so the guarantee is unchanged."""
+    private row, so the guarantee is unchanged. kd's mixed steps: ``private_of(step)`` is the
+    step's private batch, ``public_loss(model, step)`` its public term (``private_step``)."""
 
-    def private_grads(model, params, batch) -> float:
-        losses: list[float] = []
-        dp.step(params, example_grads(model, params, loss_fn, batch, losses))
-        return sum(losses) / max(len(losses), 1)
+    def private_grads(model, params, step) -> float:
+        private = private_of(step) if private_of else step
+        public = (lambda: public_loss(model, step)) if public_loss else None
+        return private_step(model, params, loss_fn, private, dp, public, weight)
 
     return training.train_pass(model, batches, cfg, device, flops, loss_fn, optimizer, on_step, flop_fn, on_grad,
                                step_grads=private_grads)
