@@ -52,6 +52,7 @@ from ..config import KDConfig
 from ..errors import FedtuneError
 from ..privacy import attacks, dp_sgd
 from ..privacy import outputs as privacy_outputs
+from ..strategies import lora
 from ..wire import Message
 from ..training import derive_seed, make_optimizer, seeded, train_pass
 from .base import ClientResult, Context, Framework
@@ -159,7 +160,11 @@ class KDFramework(Framework):
                 f"the server model would be tested on what it learned from: remove them from the data"
             )
         self.init_state = models.get_tunable(ctx.model)
-        self.global_state = dict(self.init_state)
+        # model.client_ranks: nothing is aggregated, so a rank is each party's own. The model is
+        # built at the largest rank; a rank-r state is held zero-padded, which trains exactly a
+        # rank-r adapter (strategies/lora.py). The server's model has rank model.lora_r.
+        self.shapes = {k: v.shape for k, v in self.init_state.items()}
+        self.global_state = self.padded(lora.resize(self.init_state, self.cfg.model.lora_r))
         self.knowledge: dict[str, torch.Tensor] = {}  # what configure sends: the last b6 outputs
         # Where each public example's rows sit in the payload.
         counts = torch.tensor(ctx.task.rows_per_example(public.labels))
@@ -171,6 +176,12 @@ class KDFramework(Framework):
             self.width = ctx.task.outputs(ctx.model, first).shape[-1]
 
     # ---- helpers shared by client and server
+    def client_rank(self, cid: int) -> int:
+        return self.cfg.model.client_ranks[cid] if self.cfg.model.client_ranks else self.cfg.model.lora_r
+
+    def padded(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return lora.fit_to(state, self.shapes)
+
     def decode(self, tensors):
         return decode_outputs(tensors, self.cfg.kd, self.rows, self.width)
 
@@ -322,7 +333,8 @@ class KDFramework(Framework):
 
     def fit(self, rnd, cid, msg, state, link):
         ctx, cfg = self.ctx, self.cfg
-        models.set_tunable(ctx.model, state["tunable"] if state else self.init_state)
+        r = self.client_rank(cid)
+        models.set_tunable(ctx.model, self.padded(state["tunable"] if state else lora.resize(self.init_state, r)))
         teacher = self.decode(msg.tensors) if msg.tensors and cfg.kd.client_kd_weight else None
         odp = privacy_outputs.for_client(cfg, len(ctx.data.clients[cid]), state)
         metrics: dict = {}
@@ -345,7 +357,7 @@ class KDFramework(Framework):
             **attacks.mark(cfg, cid), **(odp.record() if odp else {}),
         )
         # b3: upload the compressed outputs; keep the local model (and the accountant) for the next round
-        kept = privacy_outputs.keep(odp, dp_sgd.keep(dp, {"tunable": models.get_tunable(ctx.model)}))
+        kept = privacy_outputs.keep(odp, dp_sgd.keep(dp, {"tunable": lora.resize(models.get_tunable(ctx.model), r)}))
         return ClientResult(Message(encode_outputs(outputs, cfg.kd)), kept, metrics)
 
     # ---- checkpointing
