@@ -1,6 +1,7 @@
 """The server_lr sweep (experiments/server_lr.toml): a table of final accuracy, mean of the last
 3 rounds and best round per (strategy, server_lr), and server_lr.png: accuracy against the server
-step, one line per adaptive optimizer, FedAvg and SCAFFOLD (same seed) as horizontal references.
+step, one colour per adaptive optimizer, FedAvg (same seed) and SCAFFOLD as horizontal references.
+The figure also shows, hollow, the 2-seed means of docs/results/strategies (one server_lr each).
 Usage: python docs/results/server_lr/analyze.py runs/sweep-server_lr [--png docs/results/server_lr/server_lr.png]"""
 import json, pathlib, statistics as st, sys
 
@@ -29,20 +30,29 @@ if png:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
-    for ax, (title, f) in zip(axes, [("final round", lambda a: a[-1]), ("mean of the last 3 rounds", lambda a: st.fmean(a[-3:]))]):
-        for i, s in enumerate(sorted({s for s, lr in rows if lr is not None})):
-            pts = sorted((lr, 100 * f(acc)) for (s2, lr), (acc, _) in rows.items() if s2 == s and lr is not None)
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=f"C{i}", label=s)
-        for s, style in (("fedavg", "--"), ("scaffold", ":")):
-            if (s, None) in rows:
-                ax.axhline(100 * f(rows[s, None][0]), color="k", ls=style, lw=1.2, label=f"{s} (no server step)" if s == "fedavg" else f"{s} (server_lr 1)")
-        ax.set_xscale("log")
-        ax.set_xlabel("fed.server_lr (log scale)")
-        ax.set_title(f"test accuracy, {title}")
-        ax.grid(alpha=0.3)
-    axes[0].set_ylabel("test accuracy (%)")
-    axes[1].legend(fontsize=8, loc="best")
-    fig.suptitle("Server step size of the adaptive optimizers (Banking77 top-20 intents, MiniLM, Dirichlet 0.1, 10 clients, 3 per round, 8 rounds, seed 0)", fontsize=9)
+    here = pathlib.Path(__file__).resolve().parent
+    committed = json.loads((here.parent / "strategies" / "report.json").read_text())["settings"]
+    prior = {c["values"]["fed.strategy"]: (c["values"].get("fed.server_lr", 1.0), c["stats"]["final_acc"])
+             for c in committed if not c["values"].get("fed.prox_mu")}
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    for i, s in enumerate(["fedadam", "fedyogi", "fedadagrad", "fedavgm"]):
+        pts = sorted((lr, 100 * acc[-1]) for (s2, lr), (acc, _) in rows.items() if s2 == s and lr is not None)
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "o", color=f"C{i}", ms=8, label=f"{s}, seed 0 (this sweep)")
+        if s in prior:
+            lr, (mean, sd) = prior[s]
+            shift = 1.12 if s == "fedyogi" else 1.0  # it equals fedadam there: drawn beside it
+            ax.errorbar([lr * shift], [100 * mean], [100 * sd], fmt="o", mfc="none", color=f"C{i}", capsize=3,
+                        label=f"{s}, 2 seeds (strategies report)" + (", shifted right" if shift > 1 else ""))
+    if ("fedavg", None) in rows:
+        ax.axhline(100 * rows["fedavg", None][0][-1], color="k", ls="--", lw=1.2, label="fedavg, seed 0")
+    mean, sd = prior["scaffold"][1]
+    ax.axhspan(100 * (mean - sd), 100 * (mean + sd), color="0.85", label="scaffold, 2 seeds (mean ± sd)")
+    ax.set_xscale("log")
+    ax.set_xlabel("fed.server_lr (log scale)")
+    ax.set_ylabel("final test accuracy (%), round 8")
+    ax.set_title("Adaptive server optimizers vs their step size\nBanking77 top-20, MiniLM, Dirichlet 0.1, 3 of 10 clients a round", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.tight_layout()
     fig.savefig(png, dpi=120)
