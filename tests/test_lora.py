@@ -178,7 +178,8 @@ def test_rank_switch_leaves_logits_unchanged_and_bytes_follow_the_rank(tiny):
     {"model.lora_scaling": "rslora", "model.lora_freeze_a": True},
     {"model.client_ranks": [1, 2, 4], "fed.strategy": "flora"},
     {"model.rank_schedule": "{1 = 1, 2 = 2, 3 = 4}"},
-], ids=["dora", "rslora-ffa", "flora", "schedule"])
+    {"framework": "kd", "model.client_ranks": [1, 2, 4], "kd.client_eval_size": 50},
+], ids=["dora", "rslora-ffa", "flora", "schedule", "kd-ranks"])
 def test_new_keys_resume_to_the_same_metrics(tmp_path, keys):
     from test_frameworks import assert_resume_matches
 
@@ -198,3 +199,26 @@ def test_bad_combinations_are_one_line_errors(keys, message):
     with pytest.raises(FedtuneError) as err:
         tiny_config(**keys)
     assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_kd_clients_train_their_own_rank(tiny):
+    """Under kd nothing is aggregated: model.client_ranks is each client's local rank."""
+    from fedtune.frameworks import get as framework_class
+    from fedtune.frameworks.base import Context
+
+    cfg = tiny(**{"framework": "kd", "model.client_ranks": [1, 2, 4], "kd.client_eval_size": 0})
+    fw = framework_class("kd")(Context.build(cfg))
+    assert lora.rank(fw.global_state) == 8 == cfg.model.lora_r  # the server's own rank
+    for cid, r in enumerate([1, 2, 4]):
+        state = None
+        for rnd in (1, 2):  # round 2 starts from the kept rank-r state
+            state = fw.fit(rnd, cid, fw.configure(rnd, cid), state, None).state
+            assert lora.rank(state["tunable"]) == r
+            # the shared rank-8 model after this client's pass: a trained rank-r adapter, the rest zero
+            trained = models.get_tunable(fw.ctx.model)
+            for a_key, b_key in lora.pairs(trained).values():
+                a, b = trained[a_key], trained[b_key]
+                assert a[r:].abs().sum() == 0 and b[:, r:].abs().sum() == 0 and b[:, :r].abs().sum() > 0
+    with pytest.raises(FedtuneError, match="framework=fedavg or kd") as err:
+        tiny_config(**{"framework": "split", "model.client_ranks": [1, 2, 4]})
+    assert "\n" not in str(err.value)

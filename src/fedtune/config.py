@@ -572,8 +572,12 @@ def _validate_peft(cfg: RunConfig) -> None:
     if any(r < 1 for r in ranks):
         raise FedtuneError(f"LoRA ranks must be >= 1; got model.client_ranks={m.client_ranks}, "
                            f"model.rank_schedule={m.rank_schedule}")
-    if (m.client_ranks or m.rank_schedule) and (not lora or cfg.framework != "fedavg"):
-        raise FedtuneError("model.client_ranks and model.rank_schedule need framework=fedavg with model.peft=lora or dora")
+    if m.client_ranks and (not lora or cfg.framework not in ("fedavg", "kd")):
+        raise FedtuneError(f"model.client_ranks needs framework=fedavg or kd with model.peft=lora or dora; "
+                           f"got framework={cfg.framework}, model.peft={m.peft}")
+    if m.rank_schedule and (not lora or cfg.framework != "fedavg"):
+        raise FedtuneError(f"model.rank_schedule needs framework=fedavg with model.peft=lora or dora; "
+                           f"got framework={cfg.framework}, model.peft={m.peft}")
     if m.client_ranks and m.rank_schedule:
         raise FedtuneError("set model.client_ranks or model.rank_schedule, not both")
     if m.rank_schedule:
@@ -585,7 +589,7 @@ def _validate_peft(cfg: RunConfig) -> None:
     if cfg.fed.strategy in RANK_STRATEGIES and (not lora or cfg.framework != "fedavg" or m.lora_freeze_a):
         raise FedtuneError(f"fed.strategy={cfg.fed.strategy} aggregates LoRA factors: it needs framework=fedavg, "
                            f"model.peft=lora or dora and model.lora_freeze_a=false")
-    if len(set(m.client_ranks)) > 1 and cfg.fed.strategy not in RANK_STRATEGIES:
+    if len(set(m.client_ranks)) > 1 and cfg.framework == "fedavg" and cfg.fed.strategy not in RANK_STRATEGIES:
         raise FedtuneError(f"clients of different ranks (model.client_ranks={m.client_ranks}) need fed.strategy "
                            f"{', '.join(RANK_STRATEGIES)}; got {cfg.fed.strategy!r}")
     if (m.client_ranks or m.rank_schedule or cfg.fed.strategy in RANK_STRATEGIES) and (

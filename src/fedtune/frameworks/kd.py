@@ -58,6 +58,7 @@ from ..config import KDConfig
 from ..errors import FedtuneError
 from ..privacy import attacks, dp_sgd
 from ..privacy import outputs as privacy_outputs
+from ..strategies import lora
 from ..wire import Message
 from ..training import derive_seed, make_optimizer, seeded, train_pass
 from . import kd_directions as directions
@@ -187,7 +188,11 @@ class KDFramework(Framework):
                 f"the server model would be tested on what it learned from: remove them from the data"
             )
         self.init_state = models.get_tunable(ctx.model)
-        self.global_state = dict(self.init_state)
+        # model.client_ranks: nothing is aggregated, so a rank is each party's own. The model is
+        # built at the largest rank; a rank-r state is held zero-padded, which trains exactly a
+        # rank-r adapter (strategies/lora.py). The server's model has rank model.lora_r.
+        self.shapes = {k: v.shape for k, v in self.init_state.items()}
+        self.global_state = self.padded(lora.resize(self.init_state, self.cfg.model.lora_r))
         self.knowledge: dict[str, torch.Tensor] = {}  # what configure sends: the last b6 outputs
         self.scores: torch.Tensor | None = None  # kd.select's score per public example (none yet: random)
         # Where each public example's rows sit in the payload.
@@ -200,6 +205,12 @@ class KDFramework(Framework):
             self.width = ctx.task.outputs(ctx.model, first).shape[-1]
 
     # ---- helpers shared by client and server
+    def client_rank(self, cid: int) -> int:
+        return self.cfg.model.client_ranks[cid] if self.cfg.model.client_ranks else self.cfg.model.lora_r
+
+    def padded(self, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return lora.fit_to(state, self.shapes)
+
     def decode(self, tensors, rows: int | None = None):
         return decode_outputs(tensors, self.cfg.kd, self.rows if rows is None else rows, self.width)
 
@@ -451,7 +462,8 @@ class KDFramework(Framework):
 
     def fit(self, rnd, cid, msg, state, link):
         ctx, cfg = self.ctx, self.cfg
-        models.set_tunable(ctx.model, state["tunable"] if state else self.init_state)
+        r = self.client_rank(cid)
+        models.set_tunable(ctx.model, self.padded(state["tunable"] if state else lora.resize(self.init_state, r)))
         knowledge = {k: v for k, v in msg.tensors.items() if k != "public_ids"}
         examples = msg.tensors["public_ids"].long() if "public_ids" in msg.tensors else torch.arange(len(self.row_count))
         rows = self.rows_of(examples)
@@ -475,7 +487,7 @@ class KDFramework(Framework):
             **attacks.mark(cfg, cid), **(odp.record() if odp else {}),
         )
         # b3: upload the compressed outputs; keep the local model (and the accountant) for the next round
-        kept = privacy_outputs.keep(odp, dp_sgd.keep(dp, {"tunable": models.get_tunable(ctx.model)}))
+        kept = privacy_outputs.keep(odp, dp_sgd.keep(dp, {"tunable": lora.resize(models.get_tunable(ctx.model), r)}))
         up = encode_outputs(outputs, cfg.kd)
         if cfg.kd.logit_rank:
             metrics["logit_rank_error"] = directions.lowrank_error(outputs, up)
