@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass
@@ -257,7 +258,7 @@ def plot_accuracy(settings: list[Setting], path: Path) -> bool:
     groups = {fw: g for fw, g in groups.items() if g}
     if not groups:
         return False
-    ticks = {fw: [_tick(s).replace(", ", ",\n") for s in g] for fw, g in groups.items()}
+    ticks = {fw: [re.sub(r", (?=[\w.]+=)", ",\n", _tick(s)) for s in g] for fw, g in groups.items()}  # a pair a line
     lines = [line for t in ticks.values() for tick in t for line in tick.split("\n")]
     slanted = max(map(len, lines)) > 8  # long setting names would overlap side by side
     width = max(4.2, 0.8 * max(len(g) for g in groups.values()) + 1.5)
@@ -279,7 +280,8 @@ def plot_accuracy(settings: list[Setting], path: Path) -> bool:
     axes[0][0].set_ylim(0, min(100, 100 * top * 1.2 + 2))
     counts = {len(s.runs) for g in groups.values() for s in g}
     seeds = f"{max(counts)} seed{'s' if max(counts) > 1 else ''}" if len(counts) == 1 else f"{min(counts)} to {max(counts)} seeds"
-    fig.suptitle(f"Final test accuracy\n(mean ± std over {seeds})", fontsize=11)
+    spread = "one seed" if counts == {1} else f"mean ± std over {seeds}"
+    fig.suptitle(f"Final test accuracy\n({spread})", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
