@@ -58,6 +58,15 @@ def counts(tokens: int, rung: int) -> list[int]:
     return [b - a for a, b in zip([0, *bounds[:-1]], bounds)]
 
 
+def _tier_rows(x: torch.Tensor, order: torch.Tensor, counts: list[int]):
+    """(tier, its rows of ``x``) for each non-empty tier, the tokens taken in ``order``."""
+    start = 0
+    for tier, count in zip(TIERS, counts):
+        if count:
+            yield tier, x[order[start:start + count]]
+        start += count
+
+
 def encode(x: torch.Tensor, rung: int, prefix: str) -> dict[str, torch.Tensor]:
     """Packed activations (tokens, width) at ``rung``."""
     if rung == 0:
@@ -67,12 +76,7 @@ def encode(x: torch.Tensor, rung: int, prefix: str) -> dict[str, torch.Tensor]:
     order = x.detach().float().norm(dim=-1).argsort(descending=True, stable=True)[: sum(n)]
     out = {f"{prefix}tiers": torch.tensor([tokens, width, *n], dtype=torch.int32),
            f"{prefix}order": order.to(torch.int32)}
-    start = 0
-    for tier, count in zip(TIERS, n):
-        rows = x[order[start:start + count]]
-        start += count
-        if not count:
-            continue
+    for tier, rows in _tier_rows(x, order, n):
         if tier == "sp":
             k = max(1, math.ceil(RUNGS[rung][4] * width))
             out.update(compression.topk_encode(rows, k, "int8", f"{prefix}{tier}.", magnitude=True))
@@ -88,12 +92,8 @@ def encode_like(grad: torch.Tensor, layout: dict[str, torch.Tensor], lprefix: st
         return compression.quantize(grad, "fp32", prefix)
     n = layout[f"{lprefix}tiers"][2:].tolist()
     order = layout[f"{lprefix}order"].long().to(grad.device)
-    out, start = {}, 0
-    for tier, count in zip(TIERS, n):
-        rows = grad[order[start:start + count]]
-        start += count
-        if not count:
-            continue
+    out = {}
+    for tier, rows in _tier_rows(grad, order, n):
         if tier == "sp":
             rows = rows.gather(-1, layout[f"{lprefix}sp.index"].long().to(grad.device))
         out.update(compression.quantize(rows, DTYPES[tier], f"{prefix}{tier}."))
