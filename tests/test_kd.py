@@ -61,10 +61,10 @@ def test_kd_gradient_is_t_times_q_minus_p():
 # --------------------------------------------------------------------------- compression
 
 
-def test_topk_round_trip_keeps_the_top_probabilities_and_spreads_the_rest():
+def test_topk_uniform_tail_keeps_the_top_probabilities_and_spreads_the_rest():
     torch.manual_seed(0)
     logits = torch.randn(50, 1000) * 3
-    cfg = KDConfig(logit_topk=16, logit_dtype="fp32", temperature=2.0)
+    cfg = KDConfig(logit_topk=16, logit_dtype="fp32", temperature=2.0, topk_tail="uniform")
     p = F.softmax(logits / 2.0, -1)
     got = decode_outputs(encode_outputs(logits, cfg), cfg, 50, 1000)
     top = p.topk(16, -1).indices
@@ -75,6 +75,65 @@ def test_topk_round_trip_keeps_the_top_probabilities_and_spreads_the_rest():
     assert torch.allclose(got.sum(-1), torch.ones(50), atol=1e-5)
     # The total-variation error is at most the mass the top-k left out.
     assert ((got - p).abs().sum(-1) <= 2 * (1 - p.gather(-1, top).sum(-1)) + 1e-5).all()
+
+
+def test_topk_buckets_hold_the_sent_probabilities_and_the_rest_in_one_column():
+    torch.manual_seed(0)
+    logits = torch.randn(50, 1000) * 3
+    cfg = KDConfig(logit_topk=16, logit_dtype="fp32", temperature=2.0)  # topk_tail = "bucket" by default
+    p = F.softmax(logits / 2.0, -1)
+    got = decode_outputs(encode_outputs(logits, cfg), cfg, 50, 1000)
+    assert got.shape == (50, 1001)
+    top = p.topk(16, -1).indices
+    assert torch.allclose(got.gather(-1, top), p.gather(-1, top), atol=1e-6)
+    assert ((got[:, :1000] > 0).sum(-1) == 16).all()  # nothing invented outside the top k
+    assert torch.allclose(got[:, 1000], 1 - p.gather(-1, top).sum(-1), atol=1e-6)
+    assert torch.allclose(got.sum(-1), torch.ones(50), atol=1e-6)
+
+
+def test_bucket_kd_loss_equals_a_hand_computed_kl_over_the_buckets():
+    torch.manual_seed(1)
+    z = torch.randn(5, 12, dtype=torch.float64) * 2
+    t = F.softmax(torch.randn(5, 12, dtype=torch.float64) * 2, -1)
+    T, k = 1.5, 3
+    top = t.topk(k, -1)
+    teacher = torch.zeros(5, 13, dtype=torch.float64).scatter_(-1, top.indices, top.values)
+    teacher[:, 12] = 1 - top.values.sum(-1)
+    q = F.softmax(z / T, -1)
+    want = []
+    for i in range(5):  # KL over the k kept entries and one bucket holding everything else
+        idx = top.indices[i].tolist()
+        kl = sum(float(t[i, j] * math.log(t[i, j] / q[i, j])) for j in idx)
+        r, q_rest = 1 - sum(float(t[i, j]) for j in idx), 1 - sum(float(q[i, j]) for j in idx)
+        want.append(kl + r * math.log(r / q_rest))
+    assert math.isclose(float(kd_loss(z, teacher, T)), T**2 * sum(want) / 5, rel_tol=1e-6)  # kd_loss works in float32
+    # A student that matches the kept entries and the total left over is at the minimum: its tail
+    # can have any shape. The uniform tail would still pull it towards a flat tail.
+    s = torch.log(q.clone())
+    s.scatter_(-1, top.indices, torch.log(top.values))
+    rest = torch.ones_like(q, dtype=torch.bool).scatter_(-1, top.indices, False)
+    tail = torch.rand(5, 12, dtype=torch.float64).masked_fill(~rest, 0)
+    tail = tail / tail.sum(-1, keepdim=True) * teacher[:, 12:]
+    s = torch.where(rest, torch.log(tail.clamp_min(1e-300)), s).requires_grad_()
+    loss = kd_loss(s * T, teacher, T)
+    loss.backward()
+    assert float(loss) < 1e-5 and float(s.grad.abs().max()) < 1e-5
+    flat = torch.where(rest, teacher[:, 12:] / (12 - k), teacher[:, :12])
+    assert float(kd_loss((s * T).detach(), flat, T)) > 1e-3
+
+
+def test_bucket_kd_loss_with_every_entry_kept_is_the_plain_kl():
+    torch.manual_seed(2)
+    z, t = torch.randn(4, 6, requires_grad=True), F.softmax(torch.randn(4, 6), -1)
+    loss = kd_loss(z, torch.cat([t, torch.zeros(4, 1)], -1), 2.0)
+    assert torch.allclose(loss, kd_loss(z, t, 2.0))
+    loss.backward()
+    assert torch.isfinite(z.grad).all()
+
+
+def test_topk_tail_is_validated(tmp_path):
+    with pytest.raises(FedtuneError, match=r"^kd.topk_tail must be bucket or uniform; got 'spread'$"):
+        tiny_config(tmp_path, framework="kd", kd__topk_tail="spread")
 
 
 def test_int8_round_trip_error_is_at_most_half_a_step():

@@ -64,9 +64,20 @@ def topk_decode_dense(t: dict[str, torch.Tensor], fill: float = 0.0, prefix: str
 
 def topk_decode_distribution(t: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
     """Top-k *probabilities* -> a full distribution: the kept entries are exact and the
-    remaining mass 1 - sum(kept) is spread evenly over the width - k others."""
+    remaining mass 1 - sum(kept) is spread evenly over the width - k others (an invented tail)."""
     index, probs, width = topk_indices_values(t, prefix)
     k = index.shape[-1]
     rest = (1.0 - probs.sum(-1, keepdim=True)).clamp_min(0.0) / max(width - k, 1)
     out = rest.expand(*index.shape[:-1], width).clone()
     return out.scatter_(-1, index, probs)
+
+
+def topk_decode_buckets(t: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
+    """Top-k *probabilities* -> (..., width + 1): the kept entries at their indices, 0 on the
+    others, and the remaining mass 1 - sum(kept) in one extra last column, the "rest" bucket.
+    Exactly what was sent, with no claim about how the rest is shared out."""
+    index, probs, width = topk_indices_values(t, prefix)
+    out = torch.zeros(*index.shape[:-1], width + 1, dtype=torch.float32)
+    out.scatter_(-1, index, probs)
+    out[..., width] = (1.0 - probs.sum(-1)).clamp_min(0.0)
+    return out

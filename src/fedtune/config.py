@@ -131,6 +131,9 @@ class KDConfig:
     select: str = "random"  # how the M are chosen: "random", "entropy" or "disagreement"
     logit_rank: int = 0  # > 0: send a rank-k SVD code of the (row-centred) logits; 0 = off
     clusters: int = 2  # aggregation = "cluster": groups of clients by the similarity of their outputs
+    # What a receiver of top-k probabilities does with the mass not sent: "bucket" keeps it as one
+    # rest bucket in the KL; "uniform" spreads it evenly over the other entries (docs/kd.md).
+    topk_tail: str = "bucket"
 
 
 @dataclass
@@ -465,6 +468,8 @@ def validate(cfg: RunConfig) -> None:
             raise FedtuneError(f"{key} must be >= 1; got {value}")
     if cfg.kd.temperature <= 0 or cfg.kd.logit_topk < 0 or cfg.kd.server_epochs < 0:
         raise FedtuneError("kd.temperature must be > 0; kd.logit_topk, kd.server_epochs >= 0")
+    if cfg.kd.topk_tail not in ("bucket", "uniform"):
+        raise FedtuneError(f"kd.topk_tail must be bucket or uniform; got {cfg.kd.topk_tail!r}")
     if not 0.0 <= cfg.kd.client_kd_weight < 1.0:
         raise FedtuneError(f"kd.client_kd_weight must be in [0, 1) (0 = clients do not distil); got {cfg.kd.client_kd_weight}")
     if cfg.kd.aggregation == "entropy" and cfg.kd.entropy_threshold <= 0:

@@ -53,7 +53,7 @@ import torch.nn.functional as F
 from .. import data as datalib
 from ..data import Batch
 from .. import models
-from ..compression import dequantize, quantize, topk_decode_distribution, topk_encode
+from ..compression import dequantize, quantize, topk_decode_buckets, topk_decode_distribution, topk_encode
 from ..config import KDConfig
 from ..errors import FedtuneError
 from ..privacy import attacks, dp_sgd
@@ -76,9 +76,22 @@ def kd_loss(student_logits: torch.Tensor, teacher_probs: torch.Tensor, temperatu
     counts w_i * KL_i and the mean is over the rows with w_i > 0: a dropped row (0) is left out,
     and a row of weight 0.2 teaches a fifth of a full one, so low weights everywhere mean a
     small loss, not a renormalised one. The T^2 keeps the gradient's scale independent of T
-    (Hinton et al., 2015)."""
+    (Hinton et al., 2015).
+
+    A teacher one column wider than the student is a top-k teacher in buckets
+    (compression.topk_decode_buckets): the KL is over its nonzero entries and one rest bucket,
+    whose student probability is the student's mass on every other entry, so the student is
+    asked to match the kept probabilities and the total left over, not any shape of its tail."""
     log_q = F.log_softmax(student_logits.float() / temperature, dim=-1)
-    kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_q).sum(-1)
+    if teacher_probs.shape[-1] == log_q.shape[-1] + 1:
+        kept, rest = teacher_probs[..., :-1], teacher_probs[..., -1]
+        sent = kept > 0
+        # a row with every entry sent has an empty rest: keep its logsumexp finite (NaN-free gradient)
+        log_q_rest = torch.logsumexp(log_q.masked_fill(sent & ~sent.all(-1, keepdim=True), float("-inf")), dim=-1)
+        rest_term = torch.where(rest > 0, torch.xlogy(rest, rest) - rest * log_q_rest, torch.zeros_like(rest))
+        kl = (torch.xlogy(kept, kept) - kept * log_q).sum(-1) + rest_term
+    else:
+        kl = (torch.xlogy(teacher_probs, teacher_probs) - teacher_probs * log_q).sum(-1)
     if weight is None:
         return temperature**2 * kl.mean()
     return temperature**2 * (kl * weight).sum() / (weight > 0).sum().clamp_min(1)
@@ -114,7 +127,8 @@ def encode_outputs(logits: torch.Tensor, cfg: KDConfig) -> dict[str, torch.Tenso
 
 
 def decode_outputs(t: dict[str, torch.Tensor], cfg: KDConfig, rows: int, width: int) -> torch.Tensor:
-    """Payload -> probabilities at temperature T, (rows, width). Raises FedtuneError with the
+    """Payload -> probabilities at temperature T, (rows, width), or (rows, width + 1) for top-k
+    under ``kd.topk_tail = "bucket"`` (the last column is the mass not sent). Raises FedtuneError with the
     reason when the payload is malformed (wrong names or shape, NaN, inf, indices out of range)."""
     if cfg.logit_rank:
         return _decode_lowrank(t, cfg, rows, width)
@@ -138,7 +152,7 @@ def decode_outputs(t: dict[str, torch.Tensor], cfg: KDConfig, rows: int, width: 
         raise FedtuneError(f"top-k indices or width do not fit {width} outputs")
     if (values < 0).any() or (values.sum(-1) > 1.05).any():
         raise FedtuneError("top-k values are not probabilities")
-    probs = topk_decode_distribution(t)
+    probs = topk_decode_buckets(t) if cfg.topk_tail == "bucket" else topk_decode_distribution(t)
     return probs / probs.sum(-1, keepdim=True)  # int8 rounding can leave the sum slightly off 1
 
 
@@ -221,7 +235,7 @@ class KDFramework(Framework):
 
     def full(self, rows: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
         """A distribution per public row: ``sub`` on ``rows``, uniform (never used) elsewhere."""
-        out = torch.full((self.rows, self.width), 1.0 / self.width)
+        out = torch.full((self.rows, sub.shape[-1]), 1.0 / sub.shape[-1])
         out[rows] = sub.float()
         return out
 
