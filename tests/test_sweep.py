@@ -147,3 +147,8 @@ def test_grid_option_runs_only_the_named_grids(tmp_path, capsys):
     assert "zo__seed0" in listed and "zo__seed1" in listed and "fedavg" not in listed and "2 points" in listed
     assert main(["sweep", str(path), "--dry-run", "--grid", "nope"]) == 2
     assert "no grid named nope; grids: fedavg, zo" in capsys.readouterr().err
+    assert main(["sweep", str(path), "--dry-run", "--grid", "zo", "--seed", "1"]) == 0
+    listed = capsys.readouterr().out
+    assert "zo__seed1" in listed and "seed0" not in listed and "1 points" in listed
+    assert main(["sweep", str(path), "--dry-run", "--seed", "7"]) == 2
+    assert "no point has seed 7; seeds: 0, 1" in capsys.readouterr().err

@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--quiet", action="store_true", help="no progress bar")
     s.add_argument("--grid", action="append", default=[], metavar="NAME",
                    help="run only this grid's points (repeatable): sweeps of different grids may run side by side")
+    s.add_argument("--seed", action="append", default=[], type=int, metavar="N",
+                   help="run only this seed's points (repeatable): another seed can be added to a finished sweep")
     rp = sub.add_parser("report", help="aggregate a sweep directory over seeds into figures and report.md")
     rp.add_argument("sweep_dir", help="directory holding run directories (searched recursively)")
     rp.add_argument("--out", help="where to write report.md and the figures (default: SWEEP_DIR)")
@@ -161,6 +163,12 @@ def cmd_sweep(args) -> int:
             raise FedtuneError(f"{exp.path}: no grid named {', '.join(unknown)}; grids: "
                                f"{', '.join(dict.fromkeys(p.grid for p in exp.points))}")
         exp.points = [p for p in exp.points if p.grid in args.grid]
+    if args.seed:
+        unknown = sorted(set(args.seed) - {p.seed for p in exp.points})
+        if unknown:
+            raise FedtuneError(f"{exp.path}: no point has seed {', '.join(map(str, unknown))}; seeds: "
+                               f"{', '.join(map(str, sorted({p.seed for p in exp.points})))}")
+        exp.points = [p for p in exp.points if p.seed in args.seed]
     if args.dry_run:
         for p in exp.points:
             state = "done" if (Path(p.cfg.out) / SUMMARY).is_file() else "started" if (Path(p.cfg.out) / CONFIG).is_file() else ""
