@@ -148,6 +148,17 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _only(exp, attr: str, wanted: list, missing: str, listing: str) -> list:
+    """The sweep's points whose ``attr`` (grid or seed) is one of ``wanted`` (all when none is)."""
+    if not wanted:
+        return exp.points
+    have = list(dict.fromkeys(getattr(p, attr) for p in exp.points))
+    unknown = [w for w in dict.fromkeys(wanted) if w not in have]
+    if unknown:
+        raise FedtuneError(f"{exp.path}: {missing} {', '.join(map(str, unknown))}; {listing}: {', '.join(map(str, have))}")
+    return [p for p in exp.points if getattr(p, attr) in wanted]
+
+
 def cmd_sweep(args) -> int:
     from rich.console import Console
 
@@ -157,18 +168,8 @@ def cmd_sweep(args) -> int:
 
     console = Console(stderr=True)
     exp = load(args.experiment, args.out)
-    if args.grid:
-        unknown = sorted(set(args.grid) - {p.grid for p in exp.points})
-        if unknown:
-            raise FedtuneError(f"{exp.path}: no grid named {', '.join(unknown)}; grids: "
-                               f"{', '.join(dict.fromkeys(p.grid for p in exp.points))}")
-        exp.points = [p for p in exp.points if p.grid in args.grid]
-    if args.seed:
-        unknown = sorted(set(args.seed) - {p.seed for p in exp.points})
-        if unknown:
-            raise FedtuneError(f"{exp.path}: no point has seed {', '.join(map(str, unknown))}; seeds: "
-                               f"{', '.join(map(str, sorted({p.seed for p in exp.points})))}")
-        exp.points = [p for p in exp.points if p.seed in args.seed]
+    exp.points = _only(exp, "grid", args.grid, "no grid named", "grids")
+    exp.points = _only(exp, "seed", args.seed, "no point has seed", "seeds")
     if args.dry_run:
         for p in exp.points:
             state = "done" if (Path(p.cfg.out) / SUMMARY).is_file() else "started" if (Path(p.cfg.out) / CONFIG).is_file() else ""
