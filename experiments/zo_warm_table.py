@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 LABELS = {"fedavg": "fedavg (lr 1e-3, head 1e-2, 1 epoch = 25 steps)",
+          "zo-1e-4": "zo, lr 1e-4, 200 steps", "zo-3e-4": "zo, lr 3e-4, 200 steps",
+          "zo-3e-4-long": "zo, lr 3e-4, 200 steps, 5 rounds",
           "zo-1e-3": "zo, lr 1e-3, 200 steps", "zo-3e-3": "zo, lr 3e-3, 200 steps"}
 
 
