@@ -13,14 +13,13 @@ run() {  # NAME ARGS...: skipped when the run already finished
   [[ -f $OUT/$name/summary.json ]] && return 0
   /usr/bin/time -f "$name: %U s user CPU" nice -n 10 $PY -m fedtune run --out "$OUT/$name" "${COMMON[@]}" "$@"
 }
-steps=("${@:-start fedavg zo-1e-3 zo-3e-3 zo-3e-4 zo-1e-4 zo-3e-4-long}")
+steps=("${@:-start fedavg zo-1e-4 zo-3e-4-long zo-1e-3 zo-3e-3}")
 for s in ${steps[@]}; do
   case $s in
     start)   run start --framework fedavg --rounds 1 ;;
     fedavg)  run fedavg --framework fedavg --rounds 2 --set model.init_from=$OUT/start ;;
     zo-1e-3) run zo-1e-3 --framework zo --rounds 2 --set zo.steps=200 --set zo.lr=1e-3 --set model.init_from=$OUT/start ;;
     zo-3e-3) run zo-3e-3 --framework zo --rounds 2 --set zo.steps=200 --set zo.lr=3e-3 --set model.init_from=$OUT/start ;;
-    zo-3e-4) run zo-3e-4 --framework zo --rounds 2 --set zo.steps=200 --set zo.lr=3e-4 --set model.init_from=$OUT/start ;;
     zo-1e-4) run zo-1e-4 --framework zo --rounds 2 --set zo.steps=200 --set zo.lr=1e-4 --set model.init_from=$OUT/start ;;
     zo-3e-4-long) run zo-3e-4-long --framework zo --rounds 5 --set zo.steps=200 --set zo.lr=3e-4 --set model.init_from=$OUT/start ;;
     *) echo "unknown step $s" >&2; exit 2 ;;

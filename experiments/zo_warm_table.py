@@ -10,15 +10,14 @@ import sys
 from pathlib import Path
 
 LABELS = {"fedavg": "fedavg (lr 1e-3, head 1e-2, 1 epoch = 25 steps)",
-          "zo-1e-4": "zo, lr 1e-4, 200 steps", "zo-3e-4": "zo, lr 3e-4, 200 steps",
-          "zo-3e-4-long": "zo, lr 3e-4, 200 steps, 5 rounds",
+          "zo-1e-4": "zo, lr 1e-4, 200 steps", "zo-3e-4-long": "zo, lr 3e-4, 200 steps",
           "zo-1e-3": "zo, lr 1e-3, 200 steps", "zo-3e-3": "zo, lr 3e-3, 200 steps"}
 
 
 def rows(run: Path) -> list[dict]:
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     out = []
-    for rnd in sorted({r["round"] for r in records}):
+    for rnd in sorted({r["round"] for r in records if r["client"] == "server"}):  # finished rounds
         clients = [r for r in records if r["round"] == rnd and r["client"] != "server"]
         server = next(r for r in records if r["round"] == rnd and r["client"] == "server")
         out.append({
@@ -37,16 +36,16 @@ def rows(run: Path) -> list[dict]:
 def main(root: Path) -> None:
     start = rows(root / "start")[-1]
     print("| run | round after the start | test accuracy | test loss | MB / client / round (up + down) "
-          "| client GFLOPs / round | client s / round | clients' train loss |")
-    print("|---|---|---|---|---|---|---|---|")
+          "| client GFLOPs / round | client s / round | client peak MB | clients' train loss |")
+    print("|---|---|---|---|---|---|---|---|---|")
     print(f"| (c) the start itself: fedavg, 1 round from scratch | 0 | {start['acc']:.1%} | {start['loss']:.4f} "
-          f"| {start['mb']:.4f} | {start['gflops']:.0f} | {start['seconds']:.0f} | {start['train']} |")
+          f"| {start['mb']:.4f} | {start['gflops']:.0f} | {start['seconds']:.0f} | {start['mem']:.0f} | {start['train']} |")
     for name, label in LABELS.items():
         if not (root / name / "metrics.jsonl").is_file():
             continue
         for r in rows(root / name):
             print(f"| {label} | {r['round']} | {r['acc']:.1%} | {r['loss']:.4f} | {r['mb']:.4f} | {r['gflops']:.0f} "
-                  f"| {r['seconds']:.0f} | {r['train']} |")
+                  f"| {r['seconds']:.0f} | {r['mem']:.0f} | {r['train']} |")
 
 
 if __name__ == "__main__":
