@@ -89,3 +89,10 @@ def test_a_bad_source_is_a_one_line_error_naming_the_key(tmp_path, source):
 def test_a_killed_warm_zo_run_resumes_to_the_same_metrics(tmp_path, source):
     records = assert_resume_matches(tmp_path, framework="zo", model__init_from=source[0], zo__steps=10)
     assert records[0]["zo_pairs_down"] == 0  # round 1 replays nothing: the clients start at the warm w0
+
+
+def test_flower_simulation_starts_from_the_same_warm_state(tmp_path, source):
+    runs = [run_tiny(tiny_config(tmp_path / runtime, framework="zo", runtime=runtime, zo__steps=10, fed__rounds=1,
+                                 model__init_from=source[0]))[0] for runtime in ("inprocess", "flower-sim")]
+    assert runs[0]["final_test_loss"] == runs[1]["final_test_loss"]
+    assert runs[0]["final_test_loss"] != source[1]["final_test_loss"]  # zo did move the warm model
