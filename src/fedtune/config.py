@@ -67,6 +67,9 @@ class ModelConfig:
     client_ranks: list[int] = field(default_factory=list)  # one LoRA rank per client; empty = lora_r for all
     # round -> LoRA rank from that round on, e.g. {1 = 2, 6 = 4}; keys are strings as in TOML
     rank_schedule: dict[str, int] = field(default_factory=dict)
+    # A finished run directory whose final tunable state (LoRA + head, its adapter/) is the
+    # global state before round 1 (a warm start; docs/zo.md); "" = the seeded initialisation.
+    init_from: str = ""
 
 
 @dataclass
@@ -494,6 +497,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_split_directions(cfg)
     _validate_kd_directions(cfg)
     _validate_continual(cfg)
+    _validate_init_from(cfg)
 
 
 def _validate_sft_and_gpu(cfg: RunConfig) -> None:
@@ -800,3 +804,11 @@ def _validate_split_directions(cfg: RunConfig) -> None:
         if other:
             raise FedtuneError(f"clients with different cuts (split.client_layers / split.auto) are averaged block by "
                                f"block with fed.strategy=fedavg; {other[0]} does not combine with them")
+
+
+def _validate_init_from(cfg: RunConfig) -> None:
+    # The rest (a finished run, the same model, task, labels and tensor shapes) is checked where
+    # the state loads (use.warm_start): a sweep may name a run that an earlier cell writes.
+    init = cfg.model.init_from
+    if init and cfg.out and Path(init).resolve() == Path(cfg.out).resolve():
+        raise FedtuneError(f"model.init_from={init} is this run's own directory (out); name another, finished run")

@@ -1,6 +1,7 @@
 """Using what a run trained: ``fedtune generate RUN_DIR "prompt"`` answers with the run's final
 adapter (streaming tokens), ``fedtune export RUN_DIR --merged OUT`` writes a standalone Hugging
-Face model directory with the adapter merged into the weights."""
+Face model directory with the adapter merged into the weights; ``model.init_from = RUN_DIR``
+starts a new run from a finished run's adapter (``warm_start``)."""
 
 from __future__ import annotations
 
@@ -17,26 +18,61 @@ from . import config as configlib
 from .rundir import ADAPTER, CONFIG, RunDir
 
 
-def load_run(run_dir: str | Path):
-    """-> (config, peft model with the run's final adapter, tokenizer, label names)."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
+def trained_adapter(run_dir: str | Path, key: str = ""):
+    """-> (the run's config, its final adapter directory, its label names), or a one-line error
+    (which names ``key``, the config key that pointed here, when there is one)."""
     rundir = RunDir(run_dir)
+    where = f"{key}={rundir.path}" if key else str(rundir.path)
     if not (rundir.path / CONFIG).is_file():
-        raise FedtuneError(f"{rundir.path}: not a run directory (no {CONFIG})")
+        raise FedtuneError(f"{where}: not a run directory (no {CONFIG})")
     # Inference loads the base in full precision wherever the run trained: a GPU run with bf16
     # or a 4-bit base (QLoRA) still answers, and merges, on a CPU.
     cfg = configlib.build_config(file=rundir.path / CONFIG, overrides={"train.bf16": False, "model.quantize": ""})
     adapter = rundir.path / ADAPTER
     if not (adapter / "adapter_model.safetensors").is_file():
-        raise FedtuneError(f"{rundir.path}: no trained adapter (the run has not finished; resume it with --resume)")
-    labels = json.loads((adapter / "labels.json").read_text())
+        raise FedtuneError(f"{where}: no trained adapter (the run has not finished; resume it with --resume)")
+    return cfg, adapter, json.loads((adapter / "labels.json").read_text())
+
+
+def load_run(run_dir: str | Path):
+    """-> (config, peft model with the run's final adapter, tokenizer, label names)."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    cfg, adapter, labels = trained_adapter(run_dir)
     # The same base as the run (a tiny random model is rebuilt from the run's seed), then the adapter.
     model, tok = models.build(cfg.model, max(len(labels), 1), cfg.seed, cfg.train.task)
     set_peft_model_state_dict(model, load_file(adapter / "adapter_model.safetensors"))
     model.eval()
     return cfg, model, tok, labels
+
+
+def warm_start(model, cfg: configlib.RunConfig, label_names: list[str]) -> None:
+    """``model.init_from``: the finished run's final tunable state (LoRA + head, as its adapter
+    holds it) into ``model``, whose LoRA and head are then the global state every framework
+    starts from. The two runs must agree on the base, the task, the labels and every shape."""
+    from peft import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    key = "model.init_from"
+    src, adapter, labels = trained_adapter(cfg.model.init_from, key)
+    where = f"{key}={cfg.model.init_from}"
+    for name, theirs, mine in (("model.name", src.model.name, cfg.model.name), ("train.task", src.train.task, cfg.train.task),
+                               ("model.peft", src.model.peft, cfg.model.peft)):
+        if theirs != mine:
+            raise FedtuneError(f"{where}: that run has {name}={theirs!r}, this one {mine!r}")
+    if labels != list(label_names):
+        raise FedtuneError(f"{where}: that run's {len(labels)} labels differ from this run's {len(label_names)} "
+                           "(data.path, data.max_labels)")
+    saved = load_file(adapter / "adapter_model.safetensors")
+    here = get_peft_model_state_dict(model, save_embedding_layers=False)
+    for name in sorted(saved.keys() | here.keys()):
+        theirs = tuple(saved[name].shape) if name in saved else "absent"
+        mine = tuple(here[name].shape) if name in here else "absent"
+        if theirs != mine:
+            raise FedtuneError(f"{where}: tensor {name} is {theirs} there and {mine} here "
+                               "(model.lora_r and the rank keys, model.target_modules)")
+    set_peft_model_state_dict(model, saved)
 
 
 def read_prompts(path: str | Path) -> Iterator[list[dict]]:
