@@ -131,6 +131,7 @@ class KDConfig:
     select: str = "random"  # how the M are chosen: "random", "entropy" or "disagreement"
     logit_rank: int = 0  # > 0: send a rank-k SVD code of the (row-centred) logits; 0 = off
     clusters: int = 2  # aggregation = "cluster": groups of clients by the similarity of their outputs
+    align_clip: float = 3.0  # kd.align: cut each weight at this times the mean, then renormalise; 0 = no cut
 
 
 @dataclass
@@ -489,6 +490,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_split_directions(cfg)
     _validate_kd_directions(cfg)
     _validate_continual(cfg)
+    _validate_kd_align_clip(cfg)
 
 
 def _validate_sft_and_gpu(cfg: RunConfig) -> None:
@@ -701,6 +703,15 @@ def _validate_kd_directions(cfg: RunConfig) -> None:
     for key, on in (("kd.align", kd.align), ("data.public_skew", d.public_skew)):
         if on and cfg.train.task == "sft":
             raise FedtuneError(f"{key} works on labelled rows (train.task classify or generate); got train.task=sft")
+
+
+def _validate_kd_align_clip(cfg: RunConfig) -> None:
+    clip, default = cfg.kd.align_clip, KDConfig.align_clip
+    if not 0.0 <= clip < float("inf"):
+        raise FedtuneError(f"kd.align_clip must be a finite number >= 0 (times the mean weight; 0 = no clipping); "
+                           f"got {clip}")
+    if clip != default and not cfg.kd.align:
+        raise FedtuneError(f"kd.align_clip={clip} clips kd.align's weights: it needs kd.align = true")
 
 
 def _validate_continual(cfg: RunConfig) -> None:
