@@ -131,7 +131,7 @@ class KDConfig:
     select: str = "random"  # how the M are chosen: "random", "entropy" or "disagreement"
     logit_rank: int = 0  # > 0: send a rank-k SVD code of the (row-centred) logits; 0 = off
     clusters: int = 2  # aggregation = "cluster": groups of clients by the similarity of their outputs
-    align_clip: float = 3.0  # kd.align: cut each weight at this times the mean, then renormalise; 0 = no cut
+    align_clip: float = 2.0  # kd.align: cut each weight at this times the mean, then renormalise; 0 = no cut
 
 
 @dataclass
