@@ -75,8 +75,11 @@ def main() -> None:
             lines.append(f"| {name} | {dtype} | {size:,.0f} | {size / dense:.4f} | {kl:.4f} | {top1:.3f} | "
                          f"{seconds:.1f} |")
             print(lines[-1], flush=True)
+    probs = torch.softmax(logits.double() / t, -1)
+    tail = ", ".join(f"k = {k}: {float(1 - probs.topk(k, -1).values.sum(-1).mean()):.3f}" for k in (16, 64))
     head = (f"{args.model}, {args.rows} public GSM8K rows -> {rows} response tokens x {width} logits, "
-            f"kd.temperature = {t}, untrained model")
+            f"kd.temperature = {t}, untrained model. True probability mass at T outside the top k, "
+            f"mean per token: {tail}")
     print(head)
     if args.out:
         args.out.write_text(head + "\n\n" + "\n".join(lines) + "\n")
