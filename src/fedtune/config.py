@@ -705,15 +705,6 @@ def _validate_kd_directions(cfg: RunConfig) -> None:
             raise FedtuneError(f"{key} works on labelled rows (train.task classify or generate); got train.task=sft")
 
 
-def _validate_kd_align_clip(cfg: RunConfig) -> None:
-    clip, default = cfg.kd.align_clip, KDConfig.align_clip
-    if not 0.0 <= clip < float("inf"):
-        raise FedtuneError(f"kd.align_clip must be a finite number >= 0 (times the mean weight; 0 = no clipping); "
-                           f"got {clip}")
-    if clip != default and not cfg.kd.align:
-        raise FedtuneError(f"kd.align_clip={clip} clips kd.align's weights: it needs kd.align = true")
-
-
 def _validate_continual(cfg: RunConfig) -> None:
     c = cfg.continual
     _one_of("continual.method", c.method, ("none", "ewc", "replay"))
@@ -806,3 +797,13 @@ def _validate_split_directions(cfg: RunConfig) -> None:
         if other:
             raise FedtuneError(f"clients with different cuts (split.client_layers / split.auto) are averaged block by "
                                f"block with fed.strategy=fedavg; {other[0]} does not combine with them")
+
+
+def _validate_kd_align_clip(cfg: RunConfig) -> None:
+    """kd.align_clip (docs/kd.md): a value other than the default does nothing without kd.align."""
+    clip, default = cfg.kd.align_clip, KDConfig.align_clip
+    if not 0.0 <= clip < float("inf"):
+        raise FedtuneError(f"kd.align_clip must be a finite number >= 0 (times the mean weight; 0 = no clipping); "
+                           f"got {clip}")
+    if clip != default and not cfg.kd.align:
+        raise FedtuneError(f"kd.align_clip={clip} clips kd.align's weights: it needs kd.align = true")
