@@ -48,6 +48,28 @@ def test_align_weights_equal_a_hand_computation():
     assert directions.total_variation(torch.tensor([1, 3]), torch.tensor([3, 1])) == pytest.approx(0.5)
 
 
+def test_align_clip_truncates_the_weights_and_renormalises_by_hand():
+    # Clients hold labels 0, 1, 2 as 1:1:2; the public set 6:3:1 (ten rows).
+    pooled, labels = torch.tensor([1, 1, 2]), [0] * 6 + [1] * 3 + [2]
+    raw = [(1 / 4) / (6 / 10), (1 / 4) / (3 / 10), (2 / 4) / (1 / 10)]  # 5/12, 5/6, 5
+    mean = (6 * raw[0] + 3 * raw[1] + raw[2]) / 10  # 1.0
+    scaled = [r / mean for r in raw]
+    assert directions.align_weights(pooled, labels, 0.0).tolist() == pytest.approx([scaled[0]] * 6 + [scaled[1]] * 3
+                                                                                  + [scaled[2]])
+    cut = [min(x, 2.0) for x in scaled]  # only label 2's row is above 2 x the mean
+    cut_mean = (6 * cut[0] + 3 * cut[1] + cut[2]) / 10
+    w = directions.align_weights(pooled, labels, 2.0)
+    assert w.tolist() == pytest.approx([cut[0] / cut_mean] * 6 + [cut[1] / cut_mean] * 3 + [2.0 / cut_mean])
+    assert float(w.double().mean()) == pytest.approx(1.0) and w.max() < scaled[2]
+    # A clip above every weight changes nothing; rows of a label no client holds stay at 0.
+    assert directions.align_weights(pooled, labels, 10.0).tolist() == directions.align_weights(pooled, labels).tolist()
+    w = directions.align_weights(torch.tensor([0, 1, 3]), labels, 1.5)  # raw 0, 10/12, 30/4 on 4 kept rows
+    kept = [(1 / 4) / (3 / 10)] * 3 + [(3 / 4) / (1 / 10)]
+    kept = [k / (sum(kept) / 4) for k in kept]
+    kept = [min(k, 1.5) for k in kept]
+    assert w.tolist() == pytest.approx([0.0] * 6 + [k / (sum(kept) / 4) for k in kept])
+
+
 def test_public_skew_shifts_only_the_public_labels():
     base = dict(public_size=300, private_size=450, max_labels=15)
     flat = datalib.load(DataConfig(**base), clients=3, seed=0)
@@ -64,8 +86,8 @@ def test_public_skew_shifts_only_the_public_labels():
 
 
 def test_align_uploads_the_histogram_and_weights_the_server_rows(tmp_path):
-    cfg = tiny_config(tmp_path, **SMALL, kd__align=True, data__public_skew=4.0, data__partition="dirichlet",
-                      data__dirichlet_alpha=0.5, fed__rounds=1)
+    cfg = tiny_config(tmp_path, **SMALL, kd__align=True, kd__align_clip=1.5, data__public_skew=4.0,
+                      data__partition="dirichlet", data__dirichlet_alpha=0.5, fed__rounds=1)
     summary, rundir = run_tiny(cfg)
     fw = get("kd")(Context.build(cfg))
     records = rundir.metrics.records()
@@ -73,6 +95,12 @@ def test_align_uploads_the_histogram_and_weights_the_server_rows(tmp_path):
     pooled = sum(directions.label_histogram(c.labels, 4) for c in fw.ctx.data.clients)
     public = directions.label_histogram(fw.ctx.data.public.labels, 4)
     assert server["kd_align_tv"] == pytest.approx(directions.total_variation(pooled, public)) and server["kd_align_tv"] > 0.1
+    # The server's weights are the clipped ones (the clip binds on this skew).
+    examples = torch.arange(len(fw.ctx.data.public.labels))
+    w = fw.align(examples, pooled, {})
+    assert torch.equal(w, torch.repeat_interleave(directions.align_weights(pooled, fw.ctx.data.public.labels, 1.5),
+                                                  fw.row_count))
+    assert w.max() < directions.align_weights(pooled, fw.ctx.data.public.labels).max()
     for r in records[:-1]:  # the histogram travels in the metered upload
         hist = directions.label_histogram(fw.ctx.data.clients[r["client"]].labels, 4)
         assert r["bytes_up"] == len(serialize(Message({"values": torch.zeros(40, 4), "label_hist": hist})))
@@ -204,7 +232,7 @@ def test_clusters_group_identical_clients_and_count_each_cluster_once(tmp_path):
 
 # --------------------------------------------------------------------------- resume, Flower, errors
 
-ALL_ON = dict(kd__align=True, data__public_skew=2.0, kd__public_per_round=15, kd__logit_rank=2,
+ALL_ON = dict(kd__align=True, kd__align_clip=1.5, data__public_skew=2.0, kd__public_per_round=15, kd__logit_rank=2,
               kd__aggregation="cluster", kd__clusters=2)
 
 
@@ -232,6 +260,10 @@ def test_directions_on_flower_simulation_equal_inprocess(tmp_path):
     ("kd.clusters", 0, r"kd.clusters must be in \[1, fed.clients=3\]; got 0"),
     ("kd.aggregation", "clusters", r"kd.aggregation must be one of mean, weighted, entropy, cluster; got 'clusters'"),
     ("data.public_skew", -1.0, r"data.public_skew must be a finite number >= 0 \(0 = no shift\); got -1.0"),
+    ("kd.align_clip", -1.0, r"kd.align_clip must be a finite number >= 0 \(times the mean weight; 0 = no clipping\); "
+                            r"got -1.0"),
+    ("kd.align_clip", float("inf"), r"kd.align_clip must be a finite number >= 0 \(times the mean weight; 0 = no "
+                                    r"clipping\); got inf"),
 ])
 def test_bad_values_are_one_line_errors(tmp_path, key, value, message):
     with pytest.raises(FedtuneError, match=f"^{message}$"):
@@ -247,3 +279,7 @@ def test_bad_combinations_are_one_line_errors(tmp_path):
     tiny_config(tmp_path, **SMALL, kd__clusters=4)  # the default aggregation ignores kd.clusters
     with pytest.raises(FedtuneError, match=r"^kd.align works on labelled rows .*got train.task=sft$"):
         tiny_config(tmp_path, **SMALL, kd__align=True, train__task="sft")
+    with pytest.raises(FedtuneError, match=r"^kd.align_clip=5.0 clips kd.align's weights: it needs kd.align = true$"):
+        tiny_config(tmp_path, **SMALL, kd__align_clip=5.0)
+    tiny_config(tmp_path, **SMALL, kd__align_clip=0.0, kd__align=True)  # 0 = the raw weights
+

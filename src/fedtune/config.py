@@ -137,6 +137,7 @@ class KDConfig:
     # What a receiver of top-k probabilities does with the mass not sent: "bucket" keeps it as one
     # rest bucket in the KL; "uniform" spreads it evenly over the other entries (docs/kd.md).
     topk_tail: str = "bucket"
+    align_clip: float = 2.0  # kd.align: cut each weight at this times the mean, then renormalise; 0 = no cut
 
 
 @dataclass
@@ -498,6 +499,7 @@ def validate(cfg: RunConfig) -> None:
     _validate_kd_directions(cfg)
     _validate_continual(cfg)
     _validate_init_from(cfg)
+    _validate_kd_align_clip(cfg)
 
 
 def _validate_sft_and_gpu(cfg: RunConfig) -> None:
@@ -812,3 +814,13 @@ def _validate_init_from(cfg: RunConfig) -> None:
     init = cfg.model.init_from
     if init and cfg.out and Path(init).resolve() == Path(cfg.out).resolve():
         raise FedtuneError(f"model.init_from={init} is this run's own directory (out); name another, finished run")
+
+
+def _validate_kd_align_clip(cfg: RunConfig) -> None:
+    """kd.align_clip (docs/kd.md): a value other than the default does nothing without kd.align."""
+    clip, default = cfg.kd.align_clip, KDConfig.align_clip
+    if not 0.0 <= clip < float("inf"):
+        raise FedtuneError(f"kd.align_clip must be a finite number >= 0 (times the mean weight; 0 = no clipping); "
+                           f"got {clip}")
+    if clip != default and not cfg.kd.align:
+        raise FedtuneError(f"kd.align_clip={clip} clips kd.align's weights: it needs kd.align = true")

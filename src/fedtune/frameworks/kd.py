@@ -384,7 +384,7 @@ class KDFramework(Framework):
         """kd.align: each selected public row's weight, w = p_clients(y) / p_public(y) (per example,
         repeated over its rows). The server owns the public set, labels included, and uses them here."""
         labels = [self.ctx.data.public.labels[i] for i in examples.tolist()]
-        w = directions.align_weights(pooled, labels)
+        w = directions.align_weights(pooled, labels, self.cfg.kd.align_clip)
         public = directions.label_histogram(labels, self.ctx.data.num_labels)
         record["kd_align_tv"] = directions.total_variation(pooled, public)  # the shift the weights undo
         record["kd_align_rows_kept"] = int((w > 0).sum())

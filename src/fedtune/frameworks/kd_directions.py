@@ -24,16 +24,28 @@ def label_histogram(labels: list[int], num_labels: int) -> torch.Tensor:
     return torch.bincount(torch.tensor(labels, dtype=torch.long), minlength=num_labels).to(torch.int32)
 
 
-def align_weights(pooled: torch.Tensor, public_labels: list[int]) -> torch.Tensor:
+def align_weights(pooled: torch.Tensor, public_labels: list[int], clip: float = 0.0) -> torch.Tensor:
     """Per public example: w_i = p_clients(y_i) / p_public(y_i), the importance weight that makes
     the public rows' label distribution the clients' pooled one, scaled so that the examples
-    kept (w > 0) average 1. An example whose label no client holds gets 0 and is left out."""
+    kept (w > 0) average 1. An example whose label no client holds gets 0 and is left out.
+
+    ``clip`` > 0 truncates the weights (truncated importance sampling, Ionides 2008): each is cut
+    at ``clip`` times their mean (1 after the scaling), then the kept examples are scaled to
+    average 1 again. A label with one or two public rows and many private ones would otherwise
+    get a weight many times the mean and dominate the server's distillation; the price is a
+    bias back towards the public distribution on exactly those labels."""
     target = pooled.double() / pooled.double().sum()
     labels = torch.tensor(public_labels, dtype=torch.long)
     public = torch.bincount(labels, minlength=len(target)).double() / len(labels)
     w = target[labels] / public[labels]
     kept = w > 0
-    return (w / w[kept].mean() if kept.any() else w).float()
+    if not kept.any():
+        return w.float()
+    w = w / w[kept].mean()
+    if clip:
+        w = w.clamp(max=clip)
+        w = w / w[kept].mean()
+    return w.float()
 
 
 def total_variation(p: torch.Tensor, q: torch.Tensor) -> float:
