@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-FRAMEWORKS = ("fedavg", "kd", "split")
+FRAMEWORKS = ("fedavg", "kd", "kd-uniform", "split")  # kd-uniform: kd with kd.topk_tail = "uniform"
 
 
 def records(run: Path) -> tuple[dict[int, dict], list[dict]]:
