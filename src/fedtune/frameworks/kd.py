@@ -31,8 +31,9 @@ alone keeps the clients learning, and down-weighting an unsure but right teacher
 
 A "row" is one example under classify and one answer token under generate (tasks.py), so
 the payload is rows x labels or rows x vocabulary. Dense payloads carry logits (quantized);
-top-k payloads carry the k largest probabilities at temperature T, and the receiver spreads
-the remaining mass over the other entries (compression.topk_decode_distribution).
+top-k payloads carry the k largest probabilities at temperature T, and the receiver keeps the
+remaining mass as one rest bucket (kd.topk_tail = "bucket", kd_loss) or spreads it evenly over
+the other entries ("uniform"); over a vocabulary the spread tail is learned as if it were sent.
 
 The paper's research directions (kd_directions.py, docs/kd.md) hook in here: ``kd.align`` adds
 the client's label histogram to its upload and weights the server's rows (aggregate, align);
