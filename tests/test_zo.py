@@ -24,13 +24,10 @@ def tunable_values(fw):
     return [p.detach().clone() for p in fw.params]
 
 
-@pytest.mark.parametrize("params", ["tunable", "all"])
-def test_replaying_the_uploaded_pairs_reproduces_the_client_model_bitwise(tmp_path, params):
-    """Bitwise, not to float error: the client restores w from a copy after its two
-    evaluations and updates with the float32 g it uploads, so replaying its pairs performs
-    the very same float operations on the very same values, in the same order."""
-    fw = ZOFramework(Context.build(tiny_config(tmp_path, framework="zo", zo__steps=15, zo__params=params)))
-    # Round 1 for two clients, so that round 2 starts from a global model that is not w0.
+def replay_client_of_round_2(fw) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Round 1 for clients 0 and 1 (so round 2 starts from a global model that is not w0), then
+    client 0's round 2; leaves ``fw`` holding the global model rebuilt from the pairs sent down
+    with client 0's uploaded pairs replayed on it. -> (that global model, client 0's model)."""
     ups = {}
     for cid in (0, 1):
         result = fw.fit(1, cid, deserialize(serialize(fw.configure(1, cid))), None, None)
@@ -40,12 +37,21 @@ def test_replaying_the_uploaded_pairs_reproduces_the_client_model_bitwise(tmp_pa
     assert len(down.tensors["seed"]) > 0
     result = fw.fit(2, 0, down, None, None)
     client = tunable_values(fw)
-    assert all(p.grad is None for p in fw.ctx.model.parameters())  # no backward pass ran
-
     up = deserialize(serialize(result.message))
     fw.rebuild(down.tensors["seed"], down.tensors["grad"])
     start = tunable_values(fw)
     replay(fw.params, [fw.candidates[j] for j in up.tensors["seed"].tolist()], up.tensors["grad"].tolist(), fw.cfg.zo.lr)
+    return start, client
+
+
+@pytest.mark.parametrize("params", ["tunable", "all"])
+def test_replaying_the_uploaded_pairs_reproduces_the_client_model_bitwise(tmp_path, params):
+    """Bitwise, not to float error: the client restores w from a copy after its two
+    evaluations and updates with the float32 g it uploads, so replaying its pairs performs
+    the very same float operations on the very same values, in the same order."""
+    fw = ZOFramework(Context.build(tiny_config(tmp_path, framework="zo", zo__steps=15, zo__params=params)))
+    start, client = replay_client_of_round_2(fw)
+    assert all(p.grad is None for p in fw.ctx.model.parameters())  # no backward pass ran
     assert all(torch.equal(a, b) for a, b in zip(tunable_values(fw), client))
     assert not all(torch.equal(a, b) for a, b in zip(start, client))  # the client did move
     if params == "all":  # the frozen base moved too
