@@ -499,7 +499,6 @@ def validate(cfg: RunConfig) -> None:
     _validate_kd_directions(cfg)
     _validate_continual(cfg)
     _validate_init_from(cfg)
-    _validate_kd_align_clip(cfg)
 
 
 def _validate_sft_and_gpu(cfg: RunConfig) -> None:
@@ -712,6 +711,13 @@ def _validate_kd_directions(cfg: RunConfig) -> None:
     for key, on in (("kd.align", kd.align), ("data.public_skew", d.public_skew)):
         if on and cfg.train.task == "sft":
             raise FedtuneError(f"{key} works on labelled rows (train.task classify or generate); got train.task=sft")
+    # kd.align_clip: a value other than the default does nothing without kd.align.
+    clip, default = kd.align_clip, KDConfig.align_clip
+    if not 0.0 <= clip < float("inf"):
+        raise FedtuneError(f"kd.align_clip must be a finite number >= 0 (times the mean weight; 0 = no clipping); "
+                           f"got {clip}")
+    if clip != default and not kd.align:
+        raise FedtuneError(f"kd.align_clip={clip} clips kd.align's weights: it needs kd.align = true")
 
 
 def _validate_continual(cfg: RunConfig) -> None:
@@ -814,13 +820,3 @@ def _validate_init_from(cfg: RunConfig) -> None:
     init = cfg.model.init_from
     if init and cfg.out and Path(init).resolve() == Path(cfg.out).resolve():
         raise FedtuneError(f"model.init_from={init} is this run's own directory (out); name another, finished run")
-
-
-def _validate_kd_align_clip(cfg: RunConfig) -> None:
-    """kd.align_clip (docs/kd.md): a value other than the default does nothing without kd.align."""
-    clip, default = cfg.kd.align_clip, KDConfig.align_clip
-    if not 0.0 <= clip < float("inf"):
-        raise FedtuneError(f"kd.align_clip must be a finite number >= 0 (times the mean weight; 0 = no clipping); "
-                           f"got {clip}")
-    if clip != default and not cfg.kd.align:
-        raise FedtuneError(f"kd.align_clip={clip} clips kd.align's weights: it needs kd.align = true")
