@@ -2,12 +2,14 @@
 # zo from a warm start (docs/results/zo/README.md, "From a warm start"): one fedavg round makes
 # the start; zo and fedavg then continue from it (model.init_from). One process at a time.
 # Usage: experiments/zo_warm.sh [STEP...]   (default: every step; runs land in runs/zo-warm/)
+#        SEED=1 OUT=runs/zo-warm-seed1 experiments/zo_warm.sh start fedavg zo-3e-4-long   (another seed)
 set -euo pipefail
 PY=${PY:-python}
 OUT=${OUT:-runs/zo-warm}
+SEED=${SEED:-0}
 COMMON=(--model minilm --clients 2 --set data.max_labels=10 --set data.private_size=200
         --set data.public_size=100 --set data.test_size=200 --set data.max_length=40
-        --set train.batch_size=4 --set train.threads=1 --quiet)
+        --set train.batch_size=4 --set train.threads=1 --set seed=$SEED --quiet)
 run() {  # NAME ARGS...: skipped when the run already finished
   local name=$1; shift
   [[ -f $OUT/$name/summary.json ]] && return 0
