@@ -132,7 +132,7 @@ def test_bucket_kd_loss_with_every_entry_kept_is_the_plain_kl():
 
 
 def test_topk_tail_is_validated(tmp_path):
-    with pytest.raises(FedtuneError, match=r"^kd.topk_tail must be bucket or uniform; got 'spread'$"):
+    with pytest.raises(FedtuneError, match=r"^kd.topk_tail must be one of bucket, uniform; got 'spread'$"):
         tiny_config(tmp_path, framework="kd", kd__topk_tail="spread")
 
 

@@ -472,8 +472,7 @@ def validate(cfg: RunConfig) -> None:
             raise FedtuneError(f"{key} must be >= 1; got {value}")
     if cfg.kd.temperature <= 0 or cfg.kd.logit_topk < 0 or cfg.kd.server_epochs < 0:
         raise FedtuneError("kd.temperature must be > 0; kd.logit_topk, kd.server_epochs >= 0")
-    if cfg.kd.topk_tail not in ("bucket", "uniform"):
-        raise FedtuneError(f"kd.topk_tail must be bucket or uniform; got {cfg.kd.topk_tail!r}")
+    _one_of("kd.topk_tail", cfg.kd.topk_tail, ("bucket", "uniform"))
     if not 0.0 <= cfg.kd.client_kd_weight < 1.0:
         raise FedtuneError(f"kd.client_kd_weight must be in [0, 1) (0 = clients do not distil); got {cfg.kd.client_kd_weight}")
     if cfg.kd.aggregation == "entropy" and cfg.kd.entropy_threshold <= 0:
