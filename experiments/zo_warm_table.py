@@ -5,9 +5,10 @@ Usage: python experiments/zo_warm_table.py [runs/zo-warm]"""
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
+
+from fedtune.rundir import RunDir
 
 LABELS = {"fedavg": "fedavg (lr 1e-3, head 1e-2, 1 epoch = 25 steps)",
           "zo-1e-4": "zo, lr 1e-4, 200 steps", "zo-3e-4-long": "zo, lr 3e-4, 200 steps",
@@ -15,7 +16,7 @@ LABELS = {"fedavg": "fedavg (lr 1e-3, head 1e-2, 1 epoch = 25 steps)",
 
 
 def rows(run: Path) -> list[dict]:
-    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = list(RunDir(run).metrics.records())
     out = []
     for rnd in sorted({r["round"] for r in records if r["client"] == "server"}):  # finished rounds
         clients = [r for r in records if r["round"] == rnd and r["client"] != "server"]
