@@ -11,7 +11,16 @@ FRAMEWORKS = Registry("framework", {
     "kd": "fedtune.frameworks.kd:KDFramework",
     "split": "fedtune.frameworks.split:SplitFramework",
     "zo": "fedtune.frameworks.zo:ZOFramework",
-}, titles={"fedavg": "FedLLM", "kd": "KD-FedLLM", "split": "Split-FedLLM", "zo": "FedKSeed"})
+}, titles={"fedavg": "FedLLM", "kd": "KD-FedLLM", "split": "Split-FedLLM", "zo": "FedKSeed"}, traits={
+    # uploads_*: what crosses the network up (weights are what fed.strategy aggregates);
+    # per_batch: messages every batch, not every round; split_cut: the model is cut in two;
+    # client_ranks / rank_schedule: clients may hold LoRA of different / growing ranks;
+    # continual: runs continual.tasks > 1.
+    "fedavg": ("uploads_weights", "client_ranks", "rank_schedule", "continual"),
+    "kd": ("uploads_outputs", "client_ranks", "continual"),
+    "split": ("uploads_weights", "uploads_outputs", "per_batch", "split_cut", "continual"),
+    "zo": ("uploads_seeds",),
+})
 
 
 def get(name: str):
