@@ -235,7 +235,7 @@ def _exit_status(exc: KeyboardInterrupt) -> int:
 
 class _StderrLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"fedtune: {record.getMessage()}", file=sys.stderr)  # sys.stderr now, as tests capture it
+        print(f"fedtune: {record.getMessage()}", file=sys.stderr)  # sys.stderr looked up per call: tests swap it
 
 
 def _own_log_lines() -> None:
