@@ -1,4 +1,4 @@
-"""model.init_from: a run starts from a finished run's final tunable state (use.warm_start), for
+"""model.init_from: a run starts from a finished run's final tunable state (inference.warm_start), for
 every framework; zo's replay stays exact from that warm w0; a bad source is a one-line error;
 a killed warm-started run resumes to the same metrics."""
 

@@ -11,7 +11,7 @@ import pytest
 
 from fedtune.cli import main
 from fedtune.errors import FedtuneError
-from fedtune.sweep_report import aggregate, check_claims, load_runs, mean_std, ranking, write_report
+from fedtune.report import aggregate, check_claims, load_runs, mean_std, ranking, write_report
 
 # framework, task, {key: value}, seed, accuracy per round, MB up & down per client per round, client GFLOPs
 RUNS = [

@@ -333,7 +333,7 @@ def test_export_reloads_in_a_fresh_process_with_the_runs_metric(tmp_path, sft_di
 
 
 def test_generate_streams_the_runs_answers(tmp_path, sft_dir, capfd):
-    from fedtune.use import generate, load_run
+    from fedtune.inference import generate, load_run
 
     cfg = sft_config(tmp_path, sft_dir, fed__rounds=1, eval__metric="none")
     summary, rundir = run_tiny(cfg)

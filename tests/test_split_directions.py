@@ -320,7 +320,7 @@ def test_cut_beyond_the_model_is_an_error(tmp_path):
 
 
 def test_report_groups_runs_by_list_of_list_keys():
-    from fedtune.sweep_report import _hashable
+    from fedtune.report.load import _hashable
 
     # split.client_profiles is a list of lists: a report cell's key must hash it
     assert hash(_hashable([[2e9, 2000.0, 10.0], [4e13, 100.0, 100.0]])) == hash(((2e9, 2000.0, 10.0), (4e13, 100.0, 100.0)))

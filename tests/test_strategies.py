@@ -264,7 +264,7 @@ def test_bad_strategy_settings_are_one_line_errors(overrides, match):
 
 
 def test_report_labels_strategies_and_draws_accuracy_against_traffic(tmp_path):
-    from fedtune.sweep_report import aggregate, load_runs, write_report
+    from fedtune.report import aggregate, load_runs, write_report
     from test_report import make_run
 
     runs = [({"fed.strategy": "fedavg"}, 0.5, 0.8), ({"fed.strategy": "fedavg", "fed.prox_mu": 0.1}, 0.5, 0.8),

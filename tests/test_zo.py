@@ -204,7 +204,7 @@ def test_zero_steps_means_one_step_per_batch(tmp_path):
 
 def test_report_ranks_a_fourth_framework_without_a_paper_rank(tmp_path):
     from test_report import RUNS, make_run
-    from fedtune.sweep_report import write_report
+    from fedtune.report import write_report
 
     root = tmp_path / "sweep"
     for spec in RUNS:

@@ -164,7 +164,7 @@ def cmd_sweep(args) -> int:
 
     from .rundir import CONFIG, SUMMARY
     from .sweep import load, run_sweep
-    from .sweep_report import write_report
+    from .report import write_report
 
     console = Console(stderr=True)
     exp = load(args.experiment, args.out)
@@ -191,14 +191,14 @@ def cmd_sweep(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .sweep_report import write_report
+    from .report import write_report
 
     print(f"report: {write_report(args.sweep_dir, args.out)}")
     return 0
 
 
 def cmd_generate(args) -> int:
-    from .use import generate, read_prompts
+    from .inference import generate, read_prompts
 
     if (args.prompt is None) == (args.file is None):
         raise FedtuneError("give a prompt or --file PROMPTS.jsonl (one of the two)")
@@ -208,7 +208,7 @@ def cmd_generate(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .use import export
+    from .inference import export
 
     print(f"exported: {export(args.run_dir, args.merged)}")
     return 0
@@ -235,7 +235,7 @@ def _exit_status(exc: KeyboardInterrupt) -> int:
 
 class _StderrLines(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
-        print(f"fedtune: {record.getMessage()}", file=sys.stderr)  # sys.stderr now, as tests capture it
+        print(f"fedtune: {record.getMessage()}", file=sys.stderr)  # sys.stderr looked up per call: tests swap it
 
 
 def _own_log_lines() -> None:

@@ -815,7 +815,7 @@ def _validate_split_directions(cfg: RunConfig) -> None:
 
 def _validate_init_from(cfg: RunConfig) -> None:
     # The rest (a finished run, the same model, task, labels and tensor shapes) is checked where
-    # the state loads (use.warm_start): a sweep may name a run that an earlier cell writes.
+    # the state loads (inference.warm_start): a sweep may name a run that an earlier cell writes.
     init = cfg.model.init_from
     if init and cfg.out and Path(init).resolve() == Path(cfg.out).resolve():
         raise FedtuneError(f"model.init_from={init} is this run's own directory (out); name another, finished run")

@@ -394,6 +394,6 @@ def save_adapter(model: nn.Module, out: Path, label_names: list[str], tokenizer=
 
 def merged_model(model: nn.Module) -> nn.Module:
     """The plain Hugging Face model with LoRA folded into its weights and the trained head in
-    place (``fedtune export --merged``): loadable without peft or fedtune. ``use.load_run``
+    place (``fedtune export --merged``): loadable without peft or fedtune. ``inference.load_run``
     loads a quantized run's base in full precision, so its adapter merges as QLoRA's do."""
     return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model

@@ -25,7 +25,7 @@ from torch import nn
 from .. import continual
 from .. import data as datalib
 from .. import models
-from .. import use
+from .. import inference
 from ..tasks import TASKS, make as make_task
 from ..tasks.base import Task
 from ..config import RunConfig
@@ -83,7 +83,7 @@ class Context:
         fed = TASKS.load(cfg.train.task).load_data(cfg)
         model, tok = models.build(cfg.model, fed.num_labels, cfg.seed, cfg.train.task)
         if cfg.model.init_from:  # every framework takes its initial global state from the model
-            use.warm_start(model, cfg, fed.label_names)
+            inference.warm_start(model, cfg, fed.label_names)
         device = pick_device(cfg.train.device)
         if not cfg.model.quantize:  # a quantized base is placed on the GPU as it loads
             model.to(device)

@@ -2,7 +2,7 @@
 
 The apps only move bytes: the server side runs ``rounds.run_rounds`` over a ``FlowerGrid``, the
 client side runs ``rounds.run_client``. Each message carries the very blob the in-process runtime meters
-(``metering.serialize``), as one uint8 array, so bytes_up/bytes_down agree across runtimes.
+(``wire.serialize``), as one uint8 array, so bytes_up/bytes_down agree across runtimes.
 What a message carries besides the blob (round, client id, the run config, the split
 channel's address) is control data, not counted, as in the in-process runtime.
 

@@ -5,9 +5,12 @@ its label become token ids, which outputs the loss and accuracy read, and what t
 - ``generate``: a causal LM fine-tuned instruction-style to write the intent name after the
   query; one output row per *answer token* (width = vocabulary). Loss is on the answer tokens
   only; an example is correct when greedy decoding reproduces its label exactly.
+- ``sft``: a causal LM fine-tuned on prompt/response rows (sft_data.py); one output row per
+  response token, loss on the response only; evaluated by ``eval.metric`` on generated answers.
 
-Batches keep the class index as ``labels`` for both tasks: with right padding the answer is
-the last ``len(answer)`` tokens of each row, so its positions follow from the label alone.
+``classify`` and ``generate`` keep the class index as ``labels``: with right padding the answer
+is the last ``len(answer)`` tokens of each row, so its positions follow from the label alone.
+``sft``'s ``labels`` are the response token ids, padded with -100.
 
 Every framework goes through ``Task.outputs/loss/evaluate/flops`` (split learning's server
 applies ``from_hidden`` to its part's final hidden states); KD exchanges the rows of

@@ -1,0 +1,111 @@
+"""report.md: the runs at a glance, the ranking in the form of the paper's Table I, where the
+measurements agree with the paper, the figures, and every setting's figures over its seeds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .claims import PAPER_RANK, ROWS, check_claims, ranking
+from .load import Run, Setting, by_group
+from .names import FRAMEWORKS, TASKS, TITLES, fmt
+
+Table = dict[str, dict[str, tuple[float, int]]]  # what claims.ranking returns
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
+def _unfinished(runs: list[Run]) -> str:
+    unfinished = [r for r in runs if r.summary is None]
+    if not unfinished:
+        return ""
+    return f" ({len(unfinished)} unfinished, {sum(r.failed for r in unfinished)} of them failed: listed at the end)"
+
+
+def _head(root: Path, runs: list[Run]) -> list[str]:
+    complete = [r for r in runs if r.summary is not None]
+    models = sorted({str(r.cfg["model.name"]) for r in complete})
+    rounds = sorted({r.cfg["fed.rounds"] for r in complete})
+    seeds = sorted({r.cfg["seed"] for r in complete})
+    return [
+        f"# fedtune sweep report: `{root}`",
+        "",
+        f"{len(complete)} completed runs{_unfinished(runs)} · model {', '.join(models)} · rounds {', '.join(map(str, rounds))} "
+        f"· seeds {', '.join(map(str, seeds))}. Every figure is a mean over seeds (± sample standard deviation); "
+        "traffic is the serialized bytes each client sent plus received per round, compute is the client's "
+        "analytic FLOPs per round.",
+        "",
+    ]
+
+
+def _ranking(table: Table, settings: list[Setting]) -> list[str]:
+    out = [
+        "## Ranking in the form of the paper's Table I",
+        "",
+        "Each cell: the framework's figure (its mean over the swept settings) and its rank among the measured "
+        "frameworks, rank 1 = best (highest accuracy, least traffic, least client compute); in brackets the rank "
+        "the paper's Table I gives (-: a framework the paper did not compare).",
+        "",
+    ]
+    # The paper's three frameworks always, any other registered one where it was measured.
+    measured = {s.framework for s in settings}
+    columns = [fw for fw in FRAMEWORKS if fw in PAPER_RANK["accuracy"] or fw in measured]
+    rows = []
+    for key, title, task, metric, _ in ROWS:
+        cells = []
+        for fw in columns:
+            paper = PAPER_RANK[key].get(fw, "-")  # "-": a framework the paper did not compare
+            if fw in table[key]:
+                x, rank = table[key][fw]
+                cells.append(f"{fmt(metric, x)} · **{rank}** ({paper})")
+            else:
+                cells.append(f"not measured ({paper})")
+        rows.append([title] + cells)
+    return out + [_md_table(["metric"] + [TITLES[fw] for fw in columns], rows), ""]
+
+
+def _agreement(table: Table) -> list[str]:
+    out = ["## Where the measurements agree with the paper", ""]
+    for text, verdict, detail in check_claims(table):
+        out.append(f"- **{verdict}**: {text} (measured: {detail}).")
+    for key, title, *_ in ROWS:
+        measured = sorted(table[key], key=lambda fw: table[key][fw][1])
+        paper = [fw for fw in sorted(PAPER_RANK[key], key=PAPER_RANK[key].get) if fw in table[key]]
+        if len(measured) >= 2:
+            # Frameworks the paper did not compare are listed but do not count against its order.
+            same = "the same as" if [fw for fw in measured if fw in PAPER_RANK[key]] == paper else "unlike"
+            out.append(f"- {title}, best first: measured {', '.join(measured)}; {same} the paper's {', '.join(paper)}.")
+    return out + [""]
+
+
+def _per_setting(settings: list[Setting]) -> list[str]:
+    out = ["## Results per setting", ""]
+    header = ["setting", "seeds", "final acc", "best acc", "MB up", "MB down", "MB/client/round",
+              "GFLOPs/client/round", "client s/round", "wall s"]
+    metrics = ["final_acc", "best_acc", "mb_up", "mb_down", "mb", "gflops", "client_s", "wall_s"]
+    groups = by_group(settings)
+    for fw in FRAMEWORKS + tuple(sorted({s.framework for s in settings} - set(FRAMEWORKS))):
+        for task in TASKS:
+            group = groups.get((fw, task))
+            if not group:
+                continue
+            out += [f"### {TITLES.get(fw, fw)}, {TASKS[task]}", ""]
+            rows = [[s.label, str(len(s.runs))] + [fmt(m, *s.stats[m]) if m in s.stats else "-" for m in metrics]
+                    for s in group]
+            out += [_md_table(header, rows), ""]
+    return out
+
+
+def markdown(root: Path, runs: list[Run], settings: list[Setting], figures: list[str]) -> str:
+    table = ranking(settings)
+    out = _head(root, runs) + _ranking(table, settings) + _agreement(table)
+    out += ["## Figures", ""]
+    out += [f"![{name}]({name})" for name in figures] + [""]
+    out += _per_setting(settings)
+    unfinished = [r for r in runs if r.summary is None]
+    if unfinished:
+        out += ["## Unfinished or failed runs (left out above)", ""]
+        out += [f"- `{r.path}`" + (" (failed: see error.txt)" if r.failed else "") for r in unfinished] + [""]
+    return "\n".join(out)
