@@ -81,7 +81,7 @@ def preflight(cfg) -> None:
     TASKS.load(cfg.train.task).load_data(cfg)
     cfg.data.path = datalib.resolved_path(cfg.data)
     models.resolve(cfg.model.name)
-    if cfg.framework == "split":
+    if FRAMEWORKS.has(cfg.framework, "split_cut"):
         depth = models.depth(cfg.model.name)  # from the model's config: no weights are loaded
         if depth < 2:
             raise FedtuneError(f"split learning needs a model of at least 2 blocks; {cfg.model.name} has {depth}")

@@ -15,10 +15,11 @@ ADAPTERS = Registry("model.peft", {
     # rank: LoRA factors with a rank (client_ranks, rank_schedule, rank-aware strategies, FFA);
     # split_cut: fits split learning's cut (per-layer adapters on either side, a prompt on the
     # client); merge: folds into the base weights on export; any_task: runs under every task
-    # (without it, train.task = classify only).
+    # (without it, train.task = classify only); virtual_tokens: learns model.virtual_tokens
+    # tokens rather than per-layer weights.
     "lora": ("rank", "split_cut", "merge", "any_task"),
     "dora": ("rank", "split_cut", "merge", "any_task"),
     "ia3": ("split_cut", "merge", "any_task"),
-    "prompt": ("split_cut",),
-    "prefix": (),
+    "prompt": ("split_cut", "virtual_tokens"),
+    "prefix": ("virtual_tokens",),
 })

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..data import Batch
+from ..frameworks import FRAMEWORKS
 from .. import training
 from .accounting import Accountant, calibrate
 
@@ -52,7 +53,8 @@ def planned_steps(cfg, n_records: int) -> int:
     """The DP-SGD steps one client takes over the whole run if sampled every round: what
     ``privacy.target_epsilon`` calibrates the noise for."""
     per_epoch = lambda rows: math.ceil(rows / cfg.train.batch_size)  # noqa: E731
-    rows = min(cfg.split.samples_per_round or n_records, n_records) if cfg.framework == "split" else n_records
+    cut = FRAMEWORKS.has(cfg.framework, "split_cut")  # split.samples_per_round caps the rows of a round
+    rows = min(cfg.split.samples_per_round or n_records, n_records) if cut else n_records
     return cfg.fed.rounds * cfg.train.local_epochs * per_epoch(rows)  # kd's public rows ride in the same steps
 
 

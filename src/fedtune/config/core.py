@@ -1,0 +1,103 @@
+"""The data, training and evaluation sections, which every framework reads."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ..errors import FedtuneError
+from ..tasks import TASKS
+from .checks import at_least_one, one_of
+
+
+@dataclass
+class DataConfig:
+    # Empty means: the shared Banking77 copy beside the checkout (see data.default_data_dir) for
+    # classify and generate; train.task=sft needs a path (a file or a directory; sft_data.py).
+    path: str = ""
+    # The pool of training rows is shuffled by seed; the public set is taken from its front and
+    # the private set from its back, so sweeping public_size never changes the clients' data.
+    public_size: int = 500
+    private_size: int = 900  # 0 = every row not in the public set
+    test_size: int = 400  # 0 = the full test set; else a fixed, seeded subset
+    max_length: int = 80
+    padding: str = "dynamic"  # "dynamic" (pad per batch) or "max_length" (always max_length)
+    # "iid", "dirichlet" (label skew, dirichlet_alpha) or "length" (train.task=sft: by response length)
+    partition: str = "iid"
+    dirichlet_alpha: float = 0.5
+    max_labels: int = 0  # 0 = all labels; N keeps the N most frequent (fast tests)
+    text_column: str = "text"
+    label_column: str = "category"
+    # train.task=sft (sft_data.py): the prompt/response columns when their names are not recognised,
+    # and the label-like column that partition=dirichlet spreads over clients.
+    prompt_column: str = ""
+    response_column: str = ""
+    partition_column: str = ""
+    # > 0: the public set is drawn with label y weighted exp(-public_skew * y / (labels - 1)), so its
+    # label distribution is shifted from the private rows' (kd.align's setting; docs/kd.md).
+    public_skew: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    task: str = "classify"  # tasks.TASKS: "classify", "generate" or "sft"
+    local_epochs: int = 1
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    optimizer: str = "adam"  # "adam" or "adamw"
+    lr: float = 1e-3  # the PEFT parameters (LoRA, DoRA, IA3, prompt or prefix)
+    head_lr: float = 1e-2  # the new classification head learns much faster at 10x the PEFT rate
+    weight_decay: float = 0.0
+    max_grad_norm: float = 0.0  # 0 = no clipping
+    device: str = "auto"  # "auto", "cpu", "cuda"
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
+    bf16: bool = False  # bf16 autocast of the forward passes; CUDA only
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation of train.task=sft (tasks/sft.py)."""
+
+    # "auto": final_number when every test response holds a '#### N' final answer (GSM8K), else
+    # rougeL; "final_number": exact match of the final number; "rougeL": ROUGE-L F1; "none": no
+    # generation (the metric is then the teacher-forced token accuracy).
+    metric: str = "auto"
+    samples: int = 0  # generated answers written per round to <run dir>/samples/round-NNN.jsonl
+    generate_size: int = 0  # test rows answered by generation for the metric; 0 = every test row
+    max_new_tokens: int = 256
+
+
+def validate(cfg: Any) -> None:
+    """data, train and eval."""
+    d, t, e = cfg.data, cfg.train, cfg.eval
+    TASKS.check("train.task", t.task)
+    one_of("data.padding", d.padding, ("dynamic", "max_length"))
+    one_of("data.partition", d.partition, ("iid", "dirichlet", "length"))
+    one_of("train.optimizer", t.optimizer, ("adam", "adamw"))
+    at_least_one({"train.batch_size": t.batch_size, "train.eval_batch_size": t.eval_batch_size,
+                  "data.max_length": d.max_length})
+    for key in ("public_size", "private_size", "test_size", "max_labels"):
+        if getattr(d, key) < 0:
+            raise FedtuneError(f"data.{key} must be >= 0")
+    if not 0.0 <= d.public_skew < float("inf"):
+        raise FedtuneError(f"data.public_skew must be a finite number >= 0 (0 = no shift); got {d.public_skew}")
+    one_of("eval.metric", e.metric, ("auto", "final_number", "rougeL", "none"))
+    if d.partition == "length" and t.task != "sft":
+        raise FedtuneError(f"data.partition=length needs train.task=sft; got train.task={t.task!r}")
+    for key in ("samples", "generate_size"):
+        if getattr(e, key) < 0:
+            raise FedtuneError(f"eval.{key} must be >= 0")
+    if e.max_new_tokens < 1:
+        raise FedtuneError(f"eval.max_new_tokens must be >= 1; got {e.max_new_tokens}")
+
+
+def check_cuda(cfg: Any) -> None:
+    """train.bf16 and model.quantize run on a CUDA GPU only."""
+    wants = [k for k, on in (("train.bf16=true", cfg.train.bf16),
+                             (f"model.quantize={cfg.model.quantize}", cfg.model.quantize)) if on]
+    if wants and cfg.train.device != "cuda":
+        import torch  # only when asked: validation otherwise stays free of torch
+
+        if cfg.train.device != "auto" or not torch.cuda.is_available():
+            raise FedtuneError(f"{wants[0]} needs a CUDA GPU (none found, or train.device={cfg.train.device})")
