@@ -83,8 +83,6 @@ def validate(cfg: Any) -> None:
     if not 0.0 <= d.public_skew < float("inf"):
         raise FedtuneError(f"data.public_skew must be a finite number >= 0 (0 = no shift); got {d.public_skew}")
     one_of("eval.metric", e.metric, ("auto", "final_number", "rougeL", "none"))
-    if d.partition == "length" and t.task != "sft":
-        raise FedtuneError(f"data.partition=length needs train.task=sft; got train.task={t.task!r}")
     for key in ("samples", "generate_size"):
         if getattr(e, key) < 0:
             raise FedtuneError(f"eval.{key} must be >= 0")

@@ -11,7 +11,9 @@ from typing import Any
 from ..adapters import ADAPTERS
 from ..errors import FedtuneError
 from ..frameworks import FRAMEWORKS
+from ..runtimes import RUNTIMES
 from ..strategies import STRATEGIES
+from ..tasks import TASKS
 from .checks import either
 from .fed import DATA_ATTACKS, WEIGHT_ATTACKS
 from .split import mixed_cuts
@@ -27,6 +29,10 @@ def st(c: Any, trait: str) -> bool:
 
 def pe(c: Any, trait: str) -> bool:
     return ADAPTERS.has(c.model.peft, trait)
+
+
+def ta(c: Any, trait: str) -> bool:
+    return TASKS.has(c.train.task, trait)
 
 
 def outputs_only(c: Any) -> bool:
@@ -74,8 +80,8 @@ RULES: tuple[Rule, ...] = (
      lambda c: f"model.peft={c.model.peft} does not fit split learning's cut; {c.framework} takes "
                f"{', '.join(ADAPTERS.having('split_cut'))}"),
     # The generate task reads the base model's hidden states directly, past PEFT's forward.
-    (lambda c: not pe(c, "any_task") and c.train.task != "classify",
-     lambda c: f"model.peft={c.model.peft} needs train.task=classify; got {c.train.task!r}"),
+    (lambda c: not pe(c, "any_task") and not ta(c, "head"),
+     lambda c: f"model.peft={c.model.peft} needs train.task={either(TASKS.having('head'))}; got {c.train.task!r}"),
     (lambda c: c.model.client_ranks and not (pe(c, "rank") and fw(c, "client_ranks")),
      lambda c: f"model.client_ranks needs framework={frameworks('client_ranks')} with model.peft="
                f"{either(ADAPTERS.having('rank'))}; got framework={c.framework}, model.peft={c.model.peft}"),
@@ -104,8 +110,9 @@ RULES: tuple[Rule, ...] = (
      lambda c: f"privacy.central_dp bounds uploaded weight updates; {c.framework} uploads outputs "
                "(use privacy.dp_sgd)"),
     # SecAgg+ is Flower's protocol.
-    (lambda c: c.privacy.secagg and c.runtime == "inprocess",
-     lambda c: "privacy.secagg runs Flower's SecAgg+: use --runtime flower-sim or flower (got inprocess)"),
+    (lambda c: c.privacy.secagg and not RUNTIMES.has(c.runtime, "flower"),
+     lambda c: f"privacy.secagg runs Flower's SecAgg+: use --runtime {either(RUNTIMES.having('flower'))} "
+               f"(got {c.runtime})"),
     (lambda c: c.privacy.secagg and not (fw(c, "uploads_weights") and not fw(c, "per_batch")),
      lambda c: f"privacy.secagg gives the server only the sum of weight updates: it needs framework="
                f"{frameworks('uploads_weights', without=('per_batch',))} "
@@ -115,22 +122,29 @@ RULES: tuple[Rule, ...] = (
                f"each client's own update (use fed.strategy={either(STRATEGIES.having('mean_only'))})"),
     (lambda c: c.privacy.secagg and c.model.client_ranks,
      lambda c: "privacy.secagg sums equal-shaped updates: model.client_ranks gives clients different shapes"),
-    (lambda c: c.split.sample == "loss" and c.train.task != "classify",
-     lambda c: f"split.sample=loss ranks rows by their classification loss: needs train.task=classify; "
+    (lambda c: c.split.sample == "loss" and not ta(c, "head"),
+     lambda c: f"split.sample=loss ranks rows by their classification loss: needs train.task="
+               f"{either(TASKS.having('head'))}; "
                f"got {c.train.task!r}"),
     (_mixed_cut_conflict,
      lambda c: f"clients with different cuts (split.client_layers / split.auto) are averaged block by block "
                f"with fed.strategy={either(STRATEGIES.having('mean_only'))}; {_mixed_cut_conflict(c)} does not "
                "combine with them"),
+    (lambda c: c.data.partition == "length" and not ta(c, "free_text"),
+     lambda c: f"data.partition=length needs train.task={either(TASKS.having('free_text'))}; "
+               f"got train.task={c.train.task!r}"),
     # sft rows carry no labels.
-    (lambda c: c.kd.align and c.train.task == "sft",
-     lambda c: "kd.align works on labelled rows (train.task classify or generate); got train.task=sft"),
-    (lambda c: c.data.public_skew and c.train.task == "sft",
-     lambda c: "data.public_skew works on labelled rows (train.task classify or generate); got train.task=sft"),
+    (lambda c: c.kd.align and not ta(c, "labelled"),
+     lambda c: f"kd.align works on labelled rows (train.task {either(TASKS.having('labelled'))}); "
+               f"got train.task={c.train.task}"),
+    (lambda c: c.data.public_skew and not ta(c, "labelled"),
+     lambda c: f"data.public_skew works on labelled rows (train.task {either(TASKS.having('labelled'))}); "
+               f"got train.task={c.train.task}"),
     (lambda c: c.continual.tasks > 1 and not fw(c, "continual"),
      lambda c: f"continual.tasks > 1 runs under framework {frameworks('continual')}; got {c.framework!r}"),
-    (lambda c: c.continual.tasks > 1 and c.train.task == "sft",
-     lambda c: f"continual.tasks > 1 splits the labels of train.task classify or generate; got {c.train.task!r}"),
+    (lambda c: c.continual.tasks > 1 and not ta(c, "labelled"),
+     lambda c: f"continual.tasks > 1 splits the labels of train.task {either(TASKS.having('labelled'))}; "
+               f"got {c.train.task!r}"),
 )
 
 

@@ -10,7 +10,7 @@ RUNTIMES = Registry("runtime", {
     "inprocess": "fedtune.runtimes.inprocess:run",
     "flower-sim": "fedtune.runtimes.flower:run",
     "flower": "fedtune.runtimes.flower:run",
-})
+}, traits={"flower-sim": ("flower",), "flower": ("flower",)})  # flower: Flower's protocols (SecAgg+)
 
 
 def run(cfg, rundir, progress=None, resume=False):

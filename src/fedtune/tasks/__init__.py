@@ -9,7 +9,14 @@ TASKS = Registry("train.task", {
     "classify": "fedtune.tasks.classify:ClassifyTask",
     "generate": "fedtune.tasks.generate:GenerateTask",
     "sft": "fedtune.tasks.sft:SftTask",
-}, titles={"classify": "classification", "generate": "generation", "sft": "instruction tuning"})
+}, titles={"classify": "classification", "generate": "generation", "sft": "instruction tuning"}, traits={
+    # labelled: rows carry a label (label skew, kd.align, continual's label groups);
+    # head: a classification head on PEFT's forward (prompt/prefix tuning, per-row losses);
+    # free_text: rows are prompt/response pairs (data.partition = length).
+    "classify": ("labelled", "head"),
+    "generate": ("labelled",),
+    "sft": ("free_text",),
+})
 
 
 def make(name: str, tokenizer, label_names: list[str], max_length: int, run_cfg=None):
