@@ -37,7 +37,7 @@ import torch.nn.functional as F
 from fedtune import config as configlib
 from fedtune import models
 from fedtune.frameworks.base import Context
-from fedtune.model_cut import CutModel, hf_model
+from fedtune.frameworks.split.cut import CutModel, hf_model
 from fedtune.privacy.accounting import Accountant
 from fedtune.privacy.outputs import clip_and_noise
 from fedtune.training import train_pass

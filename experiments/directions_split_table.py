@@ -91,7 +91,7 @@ def main(root: str) -> None:
 
 def modelled(root: str, fixed: int = 2) -> None:
     """The cost model's latency per client at every cut, for the auto run's profiles (loads the model)."""
-    from fedtune.frameworks import split_plan
+    from fedtune.frameworks.split import plan as split_plan
     from fedtune.config import build_config
     from fedtune.frameworks.base import Context
     from fedtune.frameworks.split import SplitFramework

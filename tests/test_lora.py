@@ -8,7 +8,7 @@ import torch
 from fedtune import models
 from fedtune.config import ModelConfig
 from fedtune.errors import FedtuneError
-from fedtune.model_cut import CutModel
+from fedtune.frameworks.split.cut import CutModel
 
 from conftest import run_tiny, tiny_config
 

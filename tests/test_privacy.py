@@ -204,7 +204,7 @@ def test_noised_sends_report_their_epsilon(tmp_path, framework):
 
 def test_split_example_gradients_sum_to_the_batch_gradient(ctx):
     from fedtune.frameworks.split import SplitFramework
-    from fedtune.model_cut import CutModel
+    from fedtune.frameworks.split.cut import CutModel
 
     split = CutModel(ctx.model, 1)
     params = [p for p in split.client.parameters() if p.requires_grad]

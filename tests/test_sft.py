@@ -22,7 +22,7 @@ from fedtune.config import DataConfig
 from fedtune.data import batches
 from fedtune.errors import FedtuneError
 from fedtune.frameworks.base import Context
-from fedtune.model_cut import CutModel
+from fedtune.frameworks.split.cut import CutModel
 from fedtune.sft_data import length_partition, load, read_file
 from fedtune.tasks.sft import SftTask, final_number, format_prompt, score
 from fedtune.wire import Message, serialize

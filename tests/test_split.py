@@ -15,7 +15,7 @@ from fedtune.frameworks.base import Context
 from fedtune.frameworks.split import SplitFramework
 from fedtune.wire import deserialize, serialize
 from fedtune.runtimes.rounds import MeteredLink
-from fedtune.model_cut import CutModel
+from fedtune.frameworks.split.cut import CutModel
 from fedtune.training import make_optimizer
 
 

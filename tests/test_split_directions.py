@@ -13,7 +13,8 @@ from conftest import run_tiny, tiny_config
 from test_frameworks import assert_resume_matches, strip
 
 from fedtune import models
-from fedtune.frameworks import split_budget, split_plan
+from fedtune.frameworks.split import codecs
+from fedtune.frameworks.split import plan as split_plan
 from fedtune.errors import FedtuneError
 from fedtune.frameworks.base import Context
 from fedtune.frameworks.split import SplitFramework
@@ -187,26 +188,26 @@ def test_auto_cuts_are_logged_in_the_records(tmp_path, deep, caplog):
 def test_tiers_give_precision_to_the_largest_norm_tokens():
     gen = torch.Generator().manual_seed(0)
     x = torch.nn.functional.normalize(torch.randn(10, 32, generator=gen), dim=-1) * torch.arange(1, 11).float()[:, None]  # norm i+1
-    t = split_budget.encode(x, 2, "act.")  # half the tokens fp16, half int8
+    t = codecs.Tiers(2).encode(x, "act.")  # half the tokens fp16, half int8
     assert t["act.tiers"].tolist() == [10, 32, 0, 5, 5, 0]
     assert t["act.order"].tolist() == list(range(9, -1, -1))
     assert t["act.f16.values"].dtype == torch.float16 and t["act.i8.values"].dtype == torch.int8
-    back = split_budget.decode(t, "act.")
+    back = codecs.decode(t, "act.")
     assert torch.allclose(back[5:], x[5:], atol=0, rtol=1e-3)  # fp16
     assert not torch.allclose(back[:5], x[:5], atol=0, rtol=1e-3)  # int8
     assert (back[:5] - x[:5]).abs().max() <= x[:5].abs().max() / 127
     # The last rung: 5% int8, 20% sparse int8, the rest (the lowest-norm tokens) not sent.
-    t = split_budget.encode(x, len(split_budget.RUNGS) - 1, "act.")
+    t = codecs.Tiers(len(codecs.RUNGS) - 1).encode(x, "act.")
     assert t["act.tiers"].tolist() == [10, 32, 0, 0, 1, 2]
-    back = split_budget.decode(t, "act.")
+    back = codecs.decode(t, "act.")
     assert back[:7].abs().sum() == 0 and back[9].abs().sum() > 0
     # The gradient comes back in the same layout: nothing for dropped tokens, the kept entries of sparse ones.
     g = torch.randn(10, 32, generator=gen)
-    gb = split_budget.decode(split_budget.encode_like(g, t, "act.", "grad."), "grad.", t, "act.")
+    gb = codecs.decode(codecs.encode_like(g, t, "act.", "grad."), "grad.", t, "act.")
     assert gb[:7].abs().sum() == 0
     assert torch.count_nonzero(gb[7:9]) == 2 * math.ceil(0.05 * 32)
     tally = {}
-    split_budget.tally(tally, t, "act.", 10)
+    codecs.tally(tally, t, "act.", 10)
     assert tally == {"act_tokens_fp32": 0, "act_tokens_fp16": 0, "act_tokens_int8": 1, "act_tokens_sparse": 2,
                      "act_tokens_dropped": 7}
 

@@ -30,8 +30,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..errors import FedtuneError
-from ..metering import FlopModel
+from ...errors import FedtuneError
+from ...metering import FlopModel
 
 VALUE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2, "int8": 1}
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .errors import FedtuneError
+from ...errors import FedtuneError
 
 
 def hf_model(model: nn.Module) -> nn.Module:
@@ -177,7 +177,7 @@ class CutModel:
     """A model cut after ``layer`` blocks: ``client`` and ``server`` are views of it.
     ``server_blocks`` (default: the model's blocks from ``layer`` on) are the blocks the server
     runs; clients with different cuts give the server its own copies of the blocks some clients
-    hold (frameworks/split.py)."""
+    hold (framework.py)."""
 
     def __init__(self, model: nn.Module, layer: int, server_blocks: list[nn.Module] | None = None):
         hf = hf_model(model)
