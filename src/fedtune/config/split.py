@@ -19,11 +19,11 @@ class SplitConfig:
     act_topk: float = 0.0  # 0 = dense; else the fraction of activation values kept
     # Research directions (docs/split.md, "Research directions").
     client_layers: list[int] = field(default_factory=list)  # one cut per client; empty = split_layer for all
-    auto: bool = False  # pick each client's cut with the cost model (frameworks/split_plan.py) from client_profiles
+    auto: bool = False  # pick each client's cut with the cost model (frameworks/split/plan.py) from client_profiles
     # One [flops_per_s, memory_mb, bandwidth_mbps] per client, read by auto.
     client_profiles: list[list[float]] = field(default_factory=list)
     server_flops_per_s: float = 1e13  # the server's speed in the cost model (per client it serves)
-    act_budget_mb: float = 0.0  # > 0: each client's activation uploads per round fit this (frameworks/split_budget.py)
+    act_budget_mb: float = 0.0  # > 0: each client's activation uploads per round fit this (frameworks/split/codecs.py)
     sample: str = "random"  # which rows samples_per_round takes: "random" (seeded) or "loss" (highest first)
 
 
