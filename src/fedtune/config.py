@@ -30,18 +30,18 @@ class DataConfig:
     public_size: int = 500
     private_size: int = 900  # 0 = every row not in the public set
     test_size: int = 400  # 0 = the full test set; else a fixed, seeded subset
-    max_length: int = 80
+    max_length: int = 80  # tokens per row; longer rows are truncated
     padding: str = "dynamic"  # "dynamic" (pad per batch) or "max_length" (always max_length)
     partition: str = "iid"  # "iid" or "dirichlet"
-    dirichlet_alpha: float = 0.5
+    dirichlet_alpha: float = 0.5  # partition=dirichlet: smaller = more skewed labels per client
     max_labels: int = 0  # 0 = all labels; N keeps the N most frequent (fast tests)
-    text_column: str = "text"
-    label_column: str = "category"
+    text_column: str = "text"  # the CSV column holding the input text
+    label_column: str = "category"  # the CSV column holding the label
     # train.task=sft (sft_data.py): the prompt/response columns when their names are not recognised,
     # and the label-like column that partition=dirichlet spreads over clients.
     prompt_column: str = ""
-    response_column: str = ""
-    partition_column: str = ""
+    response_column: str = ""  # train.task=sft: the response column when its name is not recognised
+    partition_column: str = ""  # train.task=sft: the label-like column partition=dirichlet spreads
     # > 0: the public set is drawn with label y weighted exp(-public_skew * y / (labels - 1)), so its
     # label distribution is shifted from the private rows' (kd.align's setting; docs/kd.md).
     public_skew: float = 0.0
@@ -52,12 +52,12 @@ class ModelConfig:
     # "smollm2" (embedded, default), "minilm" (embedded), "tiny-gpt2"/"tiny-llama"/"tiny-bert"
     # (random init, for tests), a Hugging Face id, a local directory or a .gguf file.
     name: str = "smollm2"
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    lora_init: str = "gaussian"
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale numerator (alpha/r, or alpha/sqrt(r) with rslora)
+    lora_dropout: float = 0.1  # dropout on LoRA's input
+    lora_init: str = "gaussian"  # PEFT's init_lora_weights ("default" = PEFT's own)
     target_modules: list[str] = field(default_factory=list)  # empty = per-architecture default
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # transformers' attention kernel: "sdpa" or "eager"
     quantize: str = ""  # "", "4bit" or "8bit": a frozen bitsandbytes base under LoRA (QLoRA); CUDA only
     # Tunable-parameter design (docs/peft.md).
     peft: str = "lora"  # "lora", "dora", "ia3", "prompt" (prompt tuning) or "prefix" (prefix tuning)
@@ -75,13 +75,13 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     task: str = "classify"  # tasks.TASKS: "classify" or "generate"
-    local_epochs: int = 1
-    batch_size: int = 16
-    eval_batch_size: int = 64
+    local_epochs: int = 1  # passes over its private rows each client makes per round
+    batch_size: int = 16  # training rows per step
+    eval_batch_size: int = 64  # rows per forward pass in evaluation
     optimizer: str = "adam"  # "adam" or "adamw"
     lr: float = 1e-3  # LoRA parameters
     head_lr: float = 1e-2  # the new classification head learns much faster at 10x the LoRA rate
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # the optimizer's weight decay
     max_grad_norm: float = 0.0  # 0 = no clipping
     device: str = "auto"  # "auto", "cpu", "cuda"
     threads: int = 0  # torch intra-op threads; 0 = torch's default
@@ -91,8 +91,8 @@ class TrainConfig:
 
 @dataclass
 class FedConfig:
-    clients: int = 3
-    rounds: int = 3
+    clients: int = 3  # simulated clients the private rows are split over
+    rounds: int = 3  # federated rounds
     fraction: float = 1.0  # fraction of clients sampled each round
     strategy: str = "fedavg"  # strategies.STRATEGIES: how the server aggregates tunable parameters
     client_timeout_s: float = 0.0  # used by distributed runtimes; 0 = wait forever
@@ -108,21 +108,21 @@ class FedConfig:
     # Robust strategies (docs/privacy.md): trimmed_mean drops this fraction at each end per coordinate,
     # krum/multikrum assume up to krum_f Byzantine clients, norm_bound clips each update's L2 norm.
     trim_fraction: float = 0.2
-    krum_f: int = 1
-    norm_bound: float = 1.0
+    krum_f: int = 1  # krum/multikrum: Byzantine clients assumed
+    norm_bound: float = 1.0  # norm_bound: each update's L2 norm is clipped to this
     # Simulated attackers: "" (none), sign_flip, scale, gaussian (model poisoning) or label_flip (data).
     attack: str = ""
     attack_scale: float = 10.0  # scale: the update's factor; gaussian: the noise's std in update RMS units
-    malicious_clients: list[int] = field(default_factory=list)
+    malicious_clients: list[int] = field(default_factory=list)  # the attackers' client ids
 
 
 @dataclass
 class KDConfig:
-    temperature: float = 2.0
+    temperature: float = 2.0  # softmax temperature of distillation
     aggregation: str = "mean"  # "mean", "weighted" (by client samples) or "entropy"
     entropy_threshold: float = 0.0  # with "entropy": drop public samples above this (nats)
-    server_epochs: int = 1
-    server_lr: float = 1e-3
+    server_epochs: int = 1  # the server's distillation passes over the public set per round
+    server_lr: float = 1e-3  # the server's distillation step size
     client_eval_size: int = 200  # clients' own test accuracy on this many test rows
     logit_topk: int = 0  # 0 = send all logits
     logit_dtype: str = "fp32"  # fp32, fp16, int8
@@ -191,7 +191,7 @@ class FlowerConfig:
     channel_bind: str = "127.0.0.1:0"  # port 0 = any free port
     channel_host: str = ""  # the host clients dial; empty = the bind host
     channel_certfile: str = ""  # TLS for the channel; empty = plaintext
-    channel_keyfile: str = ""
+    channel_keyfile: str = ""  # the private key of channel_certfile
     channel_ca_certfile: str = ""  # sent to clients to verify the channel; empty = the certificate itself
 
 
@@ -205,7 +205,7 @@ class EvalConfig:
     metric: str = "auto"
     samples: int = 0  # generated answers written per round to <run dir>/samples/round-NNN.jsonl
     generate_size: int = 0  # test rows answered by generation for the metric; 0 = every test row
-    max_new_tokens: int = 256
+    max_new_tokens: int = 256  # the longest generated answer, in tokens
 
 
 @dataclass
@@ -246,7 +246,7 @@ class ContinualConfig:
 class RunConfig:
     framework: str = "fedavg"  # frameworks.FRAMEWORKS: "fedavg", "kd", "split" or "zo"
     runtime: str = "inprocess"  # runtimes.RUNTIMES: "inprocess", "flower-sim" or "flower"
-    seed: int = 0
+    seed: int = 0  # seeds data shuffling, partition, init and sampling
     seeds: list[int] = field(default_factory=lambda: [0])  # used by sweeps
     out: str = ""  # empty = runs/<framework>-<timestamp>
     data: DataConfig = field(default_factory=DataConfig)
