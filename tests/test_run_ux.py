@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -147,3 +149,54 @@ def test_the_same_job_gives_the_same_numbers_twice_even_beside_a_busy_process(tm
     assert main(["run", "--out", str(tmp_path / "c"), "--quiet", *args]) == 0
     a = _metrics(tmp_path / "a")
     assert len(a) == 6 and a == _metrics(tmp_path / "b") == _metrics(tmp_path / "c")
+
+
+def test_a_gguf_conversion_is_made_again_when_what_made_it_changes(tmp_path, monkeypatch, capsys):
+    import transformers
+
+    from fedtune import environment, gguf_cache, models
+
+    made = []
+
+    class Model:
+        config = SimpleNamespace()
+
+        def save_pretrained(self, where):
+            Path(where).mkdir(parents=True, exist_ok=True)
+            (Path(where) / "config.json").write_text("{}")
+            (Path(where) / "model.safetensors").write_bytes(f"weights {len(made)}".encode())
+
+    def load(*args, **kwargs):
+        made.append(kwargs["gguf_file"])
+        return Model()
+
+    monkeypatch.setattr(transformers, "AutoModelForCausalLM", SimpleNamespace(from_pretrained=load))
+    monkeypatch.setattr(transformers, "AutoTokenizer",
+                        SimpleNamespace(from_pretrained=lambda *a, **k: SimpleNamespace(save_pretrained=lambda d: None)))
+    gguf, dest = tmp_path / "m.gguf", tmp_path / "cache" / "m"
+    gguf.write_bytes(b"x" * (3 << 20))
+
+    def convert(times: int) -> None:
+        assert gguf_cache.converted(gguf, dest, "m.gguf", lambda: None) == dest
+        assert len(made) == times
+
+    convert(1)
+    convert(1)  # reused
+    record = json.loads((dest / gguf_cache.RECORD).read_text())
+    assert record["key"]["transformers"] == transformers.__version__ and record["key"]["gguf_size"] == 3 << 20
+    assert record["weights_sha256"] == gguf_cache.weights_sha256(dest)
+    monkeypatch.setattr(gguf_cache, "CONVERSION_FORMAT", gguf_cache.CONVERSION_FORMAT + 1)
+    convert(2)
+    gguf.write_bytes(b"x" * (3 << 20) + b"y")  # another file of that name
+    convert(3)
+    monkeypatch.setattr(gguf_cache, "_version", lambda package: "0.0.1")  # another transformers
+    convert(4)
+    (dest / gguf_cache.RECORD).unlink()  # a conversion made by code that kept no record
+    convert(5)
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"fedtune: preparing m.gguf once (~20 s), cached in {dest} (replacing one made from another file or by "
+        "another version)")
+    assert sorted(p.name for p in dest.parent.iterdir()) == ["m"]  # no temporary or stale copies left
+    # A run on that model names its weights' hash in environment.json.
+    monkeypatch.setattr(models, "resolve", lambda name: ("dir", dest))
+    assert environment.model_weights(str(gguf))["weights_sha256"] == gguf_cache.weights_sha256(dest)
