@@ -119,11 +119,13 @@ def test_progress_speaks_before_the_first_client_ends_with_an_eta_from_the_first
     p.start(3, 1)
     p.client(1, 0, 1, 2)
     p.step(1, 10)
+    assert len(lines) == 2  # the first step carries warm-up: the second is timed
     p.step(2, 10)
+    p.step(3, 10)
     assert lines[0] == "loading tiny-gpt2, reading and tokenizing the data"
     assert re.fullmatch(r"ready after \d+:\d\d; training from round 1 of 3", lines[1])
-    assert re.fullmatch(r"round 1/3 client 0 \(1/2\): first step [\d.]+ s; 10 steps per client, ETA \d+:\d\d "
-                        r"\(training only\)", lines[2])
+    assert re.fullmatch(r"round 1/3 client 0 \(1/2\): [\d.]+ s per step \(the first took [\d.]+ s\), 10 steps per "
+                        r"client; ETA \d+:\d\d for training", lines[2])
     assert len(lines) == 3  # once per run
 
 
@@ -139,7 +141,7 @@ def test_the_same_job_gives_the_same_numbers_twice_even_beside_a_busy_process(tm
     err = capsys.readouterr().err.splitlines()
     first_client = next(i for i, line in enumerate(err) if re.match(r"round 1/2 client 0 \(1/2\), ", line))
     assert any(line.startswith("loading tiny-gpt2") for line in err[:first_client])
-    assert any(": first step " in line for line in err[:first_client])
+    assert any(" s per step " in line for line in err[:first_client])
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
         assert main(["run", "--out", str(tmp_path / "b"), "--quiet", *args]) == 0

@@ -198,9 +198,9 @@ def _resume(args):
         raise FedtuneError(f"fed.rounds={cfg.fed.rounds}: {rundir.path} has done {plural(done, 'round')} already")
     if changed:
         configlib.save(cfg, rundir.path / CONFIG)  # config.toml reproduces the run as it now goes on
-        before = configlib.flat_dict(saved)
-        print("fedtune: resuming with " + ", ".join(f"{k}={configlib.flat_dict(cfg)[k]} (was {before[k]})"
-                                                   for k in changed), file=sys.stderr)
+        before, after = configlib.flat_dict(saved), configlib.flat_dict(cfg)
+        print("fedtune: resuming with " + ", ".join(f"{k}={after[k]} (was {before[k]})" for k in changed),
+              file=sys.stderr)
     rundir.record_environment(cfg, resumed_from=done + 1)
     start = (f"resuming {rundir.path} from round {done + 1} of {cfg.fed.rounds}" if done < cfg.fed.rounds
              else f"{rundir.path}: all {plural(cfg.fed.rounds, 'round')} done; writing its results again")

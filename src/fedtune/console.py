@@ -110,7 +110,8 @@ class LogProgress(Progress):
         self.started = self.last_step = time.monotonic()
         self.done_in_round: dict[int, int] = {}
         self.current = ""
-        self.client_started: float | None = None  # until the first step is timed
+        self.client_started: float | None = None  # until a step is timed
+        self.first_step = 0.0
 
     def phase(self, text):
         self.write(text)
@@ -136,20 +137,24 @@ class LogProgress(Progress):
         if rnd == self.first and position == 1:
             self.client_started = time.monotonic()
 
-    def _first_step(self, done: int, total: int, now: float) -> None:
-        """An ETA as soon as one step is timed: this client's steps at that pace, times the
-        clients left (evaluation not counted; the client and round lines refine it)."""
-        per_step = (now - self.client_started) / done
+    def _first_pace(self, done: int, total: int, now: float) -> None:
+        """An ETA as soon as a step is timed: the second step's pace (the first carries one-time
+        warm-up) for every client's steps still to run; evaluation is not counted, and the client
+        and round lines refine it."""
+        if done == 1 and total > 1:
+            self.first_step = now - self.client_started
+            return
+        per_step = (now - self.client_started - self.first_step) / max(done - 1, 1)
         clients = self.per_round * (self.rounds - self.first + 1)
-        eta = per_step * (total * clients - done)
-        self.write(f"{self.current}: first step {per_step:.2f} s; {total} steps per client, ETA {clock(eta)} "
-                   f"(training only)")
+        eta = per_step * (total * self.epochs * clients - done)
+        self.write(f"{self.current}: {per_step:.2f} s per step (the first took {self.first_step or per_step:.2f} s), "
+                   f"{total} steps per client; ETA {clock(eta)} for training")
         self.client_started = None
 
     def step(self, done, total):
         now = time.monotonic()
         if self.client_started is not None:
-            self._first_step(done, total, now)
+            self._first_pace(done, total, now)
         if self.every and (now - self.last_step >= self.every or done == total):
             self.last_step = now
             self.write(f"{self.current or 'client'}: step {done}/{total}, elapsed {clock(now - self.started)}")
