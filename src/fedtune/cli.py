@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import os
 import signal
 import sys
+import textwrap
 from pathlib import Path
 
 from . import __version__
+from . import config as configlib
 from .errors import FedtuneError
 from .frameworks import FRAMEWORKS
 from .runtimes import RUNTIMES
@@ -22,28 +25,68 @@ FLAGS = {
 }
 
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of LLMs with LoRA.")
-    p.add_argument("--version", action="version", version=f"fedtune {__version__}")
-    sub = p.add_subparsers(dest="command", required=True)
-    r = sub.add_parser("run", help="run one federated fine-tuning job")
-    r.add_argument("--framework", choices=FRAMEWORKS.names)
-    r.add_argument("--model", help="smollm2 (embedded default), minilm, tiny-gpt2, a HF id, a directory or a .gguf file")
-    r.add_argument("--data", help="directory with train.csv/test.csv (text,category) or a HF dataset id")
-    r.add_argument("--clients", type=int)
-    r.add_argument("--rounds", type=int)
-    r.add_argument("--seed", type=int)
+FRAMEWORK_HELP = {
+    "fedavg": "clients train LoRA locally, the server averages it",
+    "kd": "clients send their outputs on a public set, the server distils them",
+    "split": "the model is cut in two, clients run the first part",
+    "zo": "zeroth-order steps sent as seeds and scalars",
+}
+RUN_EPILOG = """\
+examples:
+  fedtune run --framework fedavg                                # the demo: SmolLM2 on Banking77
+  fedtune run --data my_data/ --model minilm --rounds 5 --clients 4
+  fedtune run --task sft --data chats.jsonl --set eval.max_new_tokens=64
+  fedtune run --resume runs/fedavg-20261121-101500 --set fed.rounds=6   # continue, then go on longer
+
+every other setting is --set SECTION.KEY=VALUE: `fedtune config --list` lists each key with its
+default and what it does (docs/run-directory.md: what a run leaves behind)."""
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    # Names like tiny-gpt2 and flower-sim stay whole: argparse would break lines at their hyphens.
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
+def _run_parser(sub) -> None:
+    r = sub.add_parser(
+        "run", help="run one federated fine-tuning job", epilog=RUN_EPILOG,
+        formatter_class=_HelpFormatter,
+        description="Fine-tune a model with LoRA over simulated clients that each keep their own rows, and write\n"
+                    "the run directory: config.toml, metrics.jsonl, summary.json, environment.json, checkpoint.pt\n"
+                    "and the final adapter.")
+    r.add_argument("--framework", choices=FRAMEWORKS.names, help="how clients and server cooperate (default fedavg): "
+                   + "; ".join(f"{n} ({FRAMEWORKS.title(n)}) {FRAMEWORK_HELP.get(n, '')}".rstrip() for n in FRAMEWORKS.names))
+    r.add_argument("--model", help="smollm2 (embedded, default), minilm (embedded), tiny-gpt2, tiny-llama or tiny-bert "
+                                   "(random, for tests), a Hugging Face id, a local model directory or a .gguf file")
+    r.add_argument("--data", help="a directory with train.csv and test.csv (text,category), or a JSONL, JSON or "
+                                  "parquet file of prompt/response rows (--task sft); default: Banking77")
+    r.add_argument("--clients", type=int, help="simulated clients the training rows are split over (default 3)")
+    r.add_argument("--rounds", type=int, help="federated rounds (default 3)")
+    r.add_argument("--seed", type=int, help="seeds the data split, the initial weights and the sampling (default 0)")
     r.add_argument("--out", help="run directory (default runs/<framework>-<time>)")
-    r.add_argument("--runtime", choices=RUNTIMES.names)
-    r.add_argument("--task", choices=TASKS.names)
+    r.add_argument("--runtime", choices=RUNTIMES.names,
+                   help="where clients run: inprocess (default, one process), flower-sim or flower (Flower)")
+    r.add_argument("--task", choices=TASKS.names, help="what the model learns (default classify): "
+                   + ", ".join(f"{n} ({TASKS.title(n)})" for n in TASKS.names))
     r.add_argument("--preset", default="demo", help="demo (default, ~10 min on 2 cores) or paper (the case study)")
     r.add_argument("--config", help="TOML or YAML file with config sections")
-    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override any config key")
-    r.add_argument("--resume", metavar="OUT", help="continue the run in OUT from its last checkpoint")
+    r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config key (repeatable; `fedtune config --list` lists them)")
+    r.add_argument("--resume", metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint; --set may change eval.*, "
+                        "train.threads and fed.rounds (to run longer), nothing else")
     r.add_argument("--quiet", action="store_true", help="no progress bar or table")
     r.add_argument("--log-every", type=float, default=0.0, metavar="SECONDS",
                    help="without a terminal (a log), also report the current client's steps at most every SECONDS; "
                         "default 0: one line per client and per round")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fedtune", description="Federated fine-tuning of LLMs with LoRA.")
+    p.add_argument("--version", action="version", version=f"fedtune {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    _run_parser(sub)
     s = sub.add_parser("sweep", help="run a grid of configs x seeds from an experiment file, then report")
     s.add_argument("experiment", help="experiment TOML file (see docs/sweeps.md)")
     s.add_argument("--out", help="sweep directory (default: the file's [sweep] out, else runs/sweep-<file stem>)")
@@ -66,6 +109,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a run's model as a standalone Hugging Face model directory")
     e.add_argument("run_dir", help="a finished run directory")
     e.add_argument("--merged", required=True, metavar="OUT", help="directory for the model with the adapter merged in")
+    c = sub.add_parser("config", help="list every config key (for --set and config files) with its default")
+    c.add_argument("--list", action="store_true", help="every key, its default and one line of help (the default)")
     return p
 
 
@@ -107,31 +152,81 @@ def _progress(args, cfg, console):
     return LogProgress(len(sample_clients(cfg, 1)), cfg.train.local_epochs, args.log_every)
 
 
+def _overrides(args) -> dict:
+    overrides = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
+    overrides.update(configlib.parse_overrides(args.set))
+    return overrides
+
+
+# What a resumed run may change: how it is evaluated, how many threads compute it and how long it
+# goes on. Any other key would make the rounds already done and the rounds to come two runs.
+RESUMABLE = ("eval.", "train.threads", "fed.rounds")
+
+
+def _resumed_config(args, rundir, cfg):
+    """-> (the saved config with the resumable overrides, the keys they changed); a key that may not
+    change is a one-line error naming it, before anything is written."""
+    if args.config:
+        raise FedtuneError(f"--resume continues {rundir.path} with its own config.toml; change a key with --set")
+    overrides = _overrides(args)
+    if "out" in overrides and Path(overrides["out"]).resolve() == rundir.path.resolve():
+        del overrides["out"]
+    new = copy.deepcopy(cfg)
+    for key, value in overrides.items():
+        configlib.set_key(new, key, value)
+    before, after = configlib.flat_dict(cfg), configlib.flat_dict(new)
+    changed = [k for k in after if after[k] != before[k]]
+    fixed = [k for k in changed if not k.startswith(RESUMABLE)]
+    if "fed.rounds" in changed and cfg.privacy.target_epsilon:
+        fixed.append("fed.rounds (privacy.target_epsilon calibrated the noise to the rounds)")
+    if fixed:
+        raise FedtuneError(f"--resume cannot change {', '.join(fixed)}: the rounds done would belong to another run; "
+                           f"only eval.*, train.threads and fed.rounds may change (start a new run with --out)")
+    configlib.validate(new)
+    return new, changed
+
+
+def _resume(args):
+    from .console import plural
+    from .rundir import CONFIG, RunDir
+
+    rundir, saved = RunDir.open(args.resume)
+    cfg, changed = _resumed_config(args, rundir, saved)
+    preflight(cfg)
+    done = rundir.last_round()  # an unreadable checkpoint: a one-line error before any work
+    if cfg.fed.rounds < done:
+        raise FedtuneError(f"fed.rounds={cfg.fed.rounds}: {rundir.path} has done {plural(done, 'round')} already")
+    if changed:
+        configlib.save(cfg, rundir.path / CONFIG)  # config.toml reproduces the run as it now goes on
+        before, after = configlib.flat_dict(saved), configlib.flat_dict(cfg)
+        print("fedtune: resuming with " + ", ".join(f"{k}={after[k]} (was {before[k]})" for k in changed),
+              file=sys.stderr)
+    rundir.record_environment(cfg, resumed_from=done + 1)
+    start = (f"resuming {rundir.path} from round {done + 1} of {cfg.fed.rounds}" if done < cfg.fed.rounds
+             else f"{rundir.path}: all {plural(cfg.fed.rounds, 'round')} done; writing its results again")
+    return rundir, cfg, start
+
+
 def cmd_run(args) -> int:
     from rich.console import Console
 
-    from . import config as configlib
     from .console import plural, print_table
     from .rundir import RunDir
     from .runtimes import run
 
     console = Console(stderr=True)
     if args.resume:
-        rundir, cfg = RunDir.open(args.resume)
-        preflight(cfg)
-        done = rundir.last_round()  # an unreadable checkpoint: a one-line error before any work
-        start = (f"resuming {rundir.path} from round {done + 1} of {cfg.fed.rounds}" if done < cfg.fed.rounds
-                 else f"{rundir.path}: all {plural(cfg.fed.rounds, 'round')} done; writing its results again")
+        rundir, cfg, start = _resume(args)
     else:
-        overrides = {key: getattr(args, flag) for flag, key in FLAGS.items() if getattr(args, flag) is not None}
-        overrides.update(configlib.parse_overrides(args.set))
-        cfg = configlib.build_config(args.preset, args.config, overrides)
+        cfg = configlib.build_config(args.preset, args.config, _overrides(args))
         preflight(cfg)
         rundir = RunDir.create(cfg)
         start = f"{plural(cfg.fed.clients, 'client')}, {plural(cfg.fed.rounds, 'round')} -> {rundir.path}"
     console.print(f"[bold]fedtune[/] {cfg.framework} on {cfg.model.name}: {start}", highlight=False, soft_wrap=True)
+    progress = _progress(args, cfg, console)
+    progress.phase(f"loading {cfg.model.name}, reading and tokenizing the data")
     try:
-        summary = run(cfg, rundir, _progress(args, cfg, console), resume=bool(args.resume))
+        summary = run(cfg, rundir, progress, resume=bool(args.resume))
     except Exception:
         if not args.resume and not rundir.metrics.path.exists():
             rundir.discard()
@@ -214,7 +309,14 @@ def cmd_export(args) -> int:
     return 0
 
 
-COMMANDS = {"run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "generate": cmd_generate, "export": cmd_export}
+def cmd_config(args) -> int:
+    from .config_help import listing
+
+    print(listing())
+    return 0
+
+
+COMMANDS = {"config": cmd_config, "run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "generate": cmd_generate, "export": cmd_export}
 
 
 class Stopped(KeyboardInterrupt):

@@ -86,6 +86,9 @@ def print_table(records: list[dict[str, Any]], title: str, console) -> None:
 class Progress:
     """Silent progress: the interface the runtime reports to."""
 
+    def phase(self, text: str) -> None:
+        """What the run does before its first step (loading, tokenizing): said at once."""
+
     def start(self, rounds: int, first: int) -> None: ...
     def client(self, rnd: int, cid: int, position: int, count: int) -> None: ...
     def step(self, done: int, total: int) -> None: ...
@@ -107,8 +110,14 @@ class LogProgress(Progress):
         self.started = self.last_step = time.monotonic()
         self.done_in_round: dict[int, int] = {}
         self.current = ""
+        self.client_started: float | None = None  # until a step is timed
+        self.first_step = 0.0
+
+    def phase(self, text):
+        self.write(text)
 
     def start(self, rounds, first):
+        self.write(f"ready after {clock(time.monotonic() - self.started)}; training from round {first} of {rounds}")
         self.rounds, self.first = rounds, first
         self.started = self.last_step = time.monotonic()
 
@@ -125,9 +134,27 @@ class LogProgress(Progress):
     def client(self, rnd, cid, position, count):
         self.per_round = count
         self.current = f"round {rnd}/{self.rounds} client {cid} ({position}/{count})"
+        if rnd == self.first and position == 1:
+            self.client_started = time.monotonic()
+
+    def _first_pace(self, done: int, total: int, now: float) -> None:
+        """An ETA as soon as a step is timed: the second step's pace (the first carries one-time
+        warm-up) for every client's steps still to run; evaluation is not counted, and the client
+        and round lines refine it."""
+        if done == 1 and total > 1:
+            self.first_step = now - self.client_started
+            return
+        per_step = (now - self.client_started - self.first_step) / max(done - 1, 1)
+        clients = self.per_round * (self.rounds - self.first + 1)
+        eta = per_step * (total * self.epochs * clients - done)
+        self.write(f"{self.current}: {per_step:.2f} s per step (the first took {self.first_step or per_step:.2f} s), "
+                   f"{total} steps per client; ETA {clock(eta)} for training")
+        self.client_started = None
 
     def step(self, done, total):
         now = time.monotonic()
+        if self.client_started is not None:
+            self._first_pace(done, total, now)
         if self.every and (now - self.last_step >= self.every or done == total):
             self.last_step = now
             self.write(f"{self.current or 'client'}: step {done}/{total}, elapsed {clock(now - self.started)}")
@@ -163,12 +190,16 @@ class RichProgress(Progress):
     """A live bar over rounds and one over the current client's steps."""
 
     def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
         from rich.progress import Progress as Bar
 
-        self.bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        self.bar = Bar(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                       TimeRemainingColumn())
         self.rounds = self.steps = None
         self.last = ""
+
+    def phase(self, text):
+        self.bar.console.print(text, highlight=False)
 
     def start(self, rounds, first):
         self.bar.start()

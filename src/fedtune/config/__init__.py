@@ -43,7 +43,7 @@ __all__ = [
 class RunConfig:
     framework: str = "fedavg"  # frameworks.FRAMEWORKS: "fedavg", "kd", "split" or "zo"
     runtime: str = "inprocess"  # runtimes.RUNTIMES: "inprocess", "flower-sim" or "flower"
-    seed: int = 0
+    seed: int = 0  # seeds data shuffling, partition, init and sampling
     seeds: list[int] = field(default_factory=lambda: [0])  # used by sweeps
     out: str = ""  # empty = runs/<framework>-<timestamp>
     data: DataConfig = field(default_factory=DataConfig)

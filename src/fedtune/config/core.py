@@ -20,19 +20,19 @@ class DataConfig:
     public_size: int = 500
     private_size: int = 900  # 0 = every row not in the public set
     test_size: int = 400  # 0 = the full test set; else a fixed, seeded subset
-    max_length: int = 80
+    max_length: int = 80  # tokens per row; longer rows are truncated
     padding: str = "dynamic"  # "dynamic" (pad per batch) or "max_length" (always max_length)
     # "iid", "dirichlet" (label skew, dirichlet_alpha) or "length" (train.task=sft: by response length)
     partition: str = "iid"
-    dirichlet_alpha: float = 0.5
+    dirichlet_alpha: float = 0.5  # partition=dirichlet: smaller = more skewed labels per client
     max_labels: int = 0  # 0 = all labels; N keeps the N most frequent (fast tests)
-    text_column: str = "text"
-    label_column: str = "category"
+    text_column: str = "text"  # the CSV column holding the input text
+    label_column: str = "category"  # the CSV column holding the label
     # train.task=sft (sft_data.py): the prompt/response columns when their names are not recognised,
     # and the label-like column that partition=dirichlet spreads over clients.
     prompt_column: str = ""
-    response_column: str = ""
-    partition_column: str = ""
+    response_column: str = ""  # train.task=sft: the response column when its name is not recognised
+    partition_column: str = ""  # train.task=sft: the label-like column partition=dirichlet spreads
     # > 0: the public set is drawn with label y weighted exp(-public_skew * y / (labels - 1)), so its
     # label distribution is shifted from the private rows' (kd.align's setting; docs/kd.md).
     public_skew: float = 0.0
@@ -41,13 +41,13 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     task: str = "classify"  # tasks.TASKS: "classify", "generate" or "sft"
-    local_epochs: int = 1
-    batch_size: int = 16
-    eval_batch_size: int = 64
+    local_epochs: int = 1  # passes over its private rows each client makes per round
+    batch_size: int = 16  # training rows per step
+    eval_batch_size: int = 64  # rows per forward pass in evaluation
     optimizer: str = "adam"  # "adam" or "adamw"
     lr: float = 1e-3  # the PEFT parameters (LoRA, DoRA, IA3, prompt or prefix)
     head_lr: float = 1e-2  # the new classification head learns much faster at 10x the PEFT rate
-    weight_decay: float = 0.0
+    weight_decay: float = 0.0  # the optimizer's weight decay
     max_grad_norm: float = 0.0  # 0 = no clipping
     device: str = "auto"  # "auto", "cpu", "cuda"
     threads: int = 0  # torch intra-op threads; 0 = torch's default
@@ -65,7 +65,7 @@ class EvalConfig:
     metric: str = "auto"
     samples: int = 0  # generated answers written per round to <run dir>/samples/round-NNN.jsonl
     generate_size: int = 0  # test rows answered by generation for the metric; 0 = every test row
-    max_new_tokens: int = 256
+    max_new_tokens: int = 256  # the longest generated answer, in tokens
 
 
 def validate(cfg: Any) -> None:

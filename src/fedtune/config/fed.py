@@ -18,8 +18,8 @@ ATTACKS = WEIGHT_ATTACKS + DATA_ATTACKS
 
 @dataclass
 class FedConfig:
-    clients: int = 3
-    rounds: int = 3
+    clients: int = 3  # simulated clients the private rows are split over
+    rounds: int = 3  # federated rounds
     fraction: float = 1.0  # fraction of clients sampled each round
     strategy: str = "fedavg"  # strategies.STRATEGIES: how the server aggregates tunable parameters
     client_timeout_s: float = 0.0  # used by distributed runtimes; 0 = wait forever
@@ -35,12 +35,12 @@ class FedConfig:
     # Robust strategies (docs/privacy.md): trimmed_mean drops this fraction at each end per coordinate,
     # krum/multikrum assume up to krum_f Byzantine clients, norm_bound clips each update's L2 norm.
     trim_fraction: float = 0.2
-    krum_f: int = 1
-    norm_bound: float = 1.0
+    krum_f: int = 1  # krum/multikrum: Byzantine clients assumed
+    norm_bound: float = 1.0  # norm_bound: each update's L2 norm is clipped to this
     # Simulated attackers: "" (none), sign_flip, scale, gaussian (model poisoning) or label_flip (data).
     attack: str = ""
     attack_scale: float = 10.0  # scale: the update's factor; gaussian: the noise's std in update RMS units
-    malicious_clients: list[int] = field(default_factory=list)
+    malicious_clients: list[int] = field(default_factory=list)  # the attackers' client ids
 
 
 def sampled_clients(f: FedConfig) -> int:

@@ -24,7 +24,7 @@ class FlowerConfig:
     channel_bind: str = "127.0.0.1:0"  # port 0 = any free port
     channel_host: str = ""  # the host clients dial; empty = the bind host
     channel_certfile: str = ""  # TLS for the channel; empty = plaintext
-    channel_keyfile: str = ""
+    channel_keyfile: str = ""  # the private key of channel_certfile
     channel_ca_certfile: str = ""  # sent to clients to verify the channel; empty = the certificate itself
 
 

@@ -11,11 +11,11 @@ from .checks import one_of
 
 @dataclass
 class KDConfig:
-    temperature: float = 2.0
+    temperature: float = 2.0  # softmax temperature of distillation
     aggregation: str = "mean"  # "mean", "weighted" (by client samples), "entropy" or "cluster" (see clusters)
     entropy_threshold: float = 0.0  # with "entropy": drop public samples above this (nats)
-    server_epochs: int = 1
-    server_lr: float = 1e-3
+    server_epochs: int = 1  # the server's distillation passes over the public set per round
+    server_lr: float = 1e-3  # the server's distillation step size
     client_eval_size: int = 200  # clients' own test accuracy on this many test rows
     logit_topk: int = 0  # 0 = send all logits
     logit_dtype: str = "fp32"  # fp32, fp16, int8

@@ -16,12 +16,12 @@ class ModelConfig:
     # "smollm2" (embedded, default), "minilm" (embedded), "tiny-gpt2"/"tiny-llama"/"tiny-bert"
     # (random init, for tests), a Hugging Face id, a local directory or a .gguf file.
     name: str = "smollm2"
-    lora_r: int = 8
-    lora_alpha: int = 32
-    lora_dropout: float = 0.1
-    lora_init: str = "gaussian"
+    lora_r: int = 8  # LoRA rank
+    lora_alpha: int = 32  # LoRA scale numerator (alpha/r, or alpha/sqrt(r) with rslora)
+    lora_dropout: float = 0.1  # dropout on LoRA's input
+    lora_init: str = "gaussian"  # PEFT's init_lora_weights ("default" = PEFT's own)
     target_modules: list[str] = field(default_factory=list)  # empty = per-architecture default
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # transformers' attention kernel: "sdpa" or "eager"
     quantize: str = ""  # "", "4bit" or "8bit": a frozen bitsandbytes base under LoRA (QLoRA); CUDA only
     # Tunable-parameter design (docs/peft.md).
     peft: str = "lora"  # adapters.ADAPTERS: "lora", "dora", "ia3", "prompt" (prompt tuning) or "prefix" (prefix tuning)
