@@ -318,8 +318,8 @@ def save_adapter(model: nn.Module, out: Path, label_names: list[str], tokenizer=
     through modules_to_save), so ``PeftModel.from_pretrained`` loads it; with the base model it
     adapts recorded in adapter_config.json and the tokenizer beside it."""
     if model_name and hasattr(model, "peft_config"):
-        for lora in model.peft_config.values():
-            lora.base_model_name_or_path = base_reference(model_name)[0]
+        for peft_cfg in model.peft_config.values():
+            peft_cfg.base_model_name_or_path = base_reference(model_name)[0]
     # No vocabulary is ever changed here; "auto" would look the base up (on the hub, for an id).
     model.save_pretrained(out, save_embedding_layers=False)
     if tokenizer is not None:

@@ -3,9 +3,10 @@ tunable parameters with a strategy (FedAvg by default) and sends them back (pape
 
 LoRA ranks may differ per client (``model.client_ranks``) or grow over rounds
 (``model.rank_schedule``): each client receives and uploads a state of its own rank, held
-zero-padded in the one shared model (adapters/lora_state.py says why that is exact). Every server
-record of a LoRA run carries ``aggregation_error``: how far the product of the averaged
-factors is from the average of the clients' products (docs/peft.md)."""
+zero-padded in the one shared model (adapters/lora_state.py says why that is exact). What a
+client receives, and what the server does after aggregating, are the strategy's hooks
+(strategies/base.py). Every server record of a LoRA run carries ``aggregation_error``: how far
+the product of the averaged factors is from the average of the clients' products (docs/peft.md)."""
 
 from __future__ import annotations
 
