@@ -31,7 +31,7 @@ def test_split_prompt_tuning_computes_what_peft_computes(name):
 
 # --------------------------------------------------------------------------- strategies on small tensors
 
-from fedtune.strategies import lora  # noqa: E402
+from fedtune.adapters import lora_state as lora  # noqa: E402
 from fedtune.strategies.flexlora import FlexLoRA  # noqa: E402
 from fedtune.strategies.flora import FLoRA  # noqa: E402
 from fedtune.strategies.hetlora import HetLoRA  # noqa: E402

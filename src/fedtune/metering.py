@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .adapters.base import adapter_of
 from .errors import FedtuneError
 
 # --------------------------------------------------------------------------- time and memory
@@ -161,10 +162,9 @@ class FlopModel:
         trainable_blocks = [int(m.group(1)) for n, p in model.named_parameters()
                             if p.requires_grad and (m := _BLOCK.search("." + n + "."))]
         first = min(trainable_blocks) if trainable_blocks else _num_blocks(config)
-        peft = getattr(model, "peft_config", {}).get("default")
-        kind = getattr(getattr(peft, "peft_type", None), "value", "")
-        prompt = peft.num_virtual_tokens if kind == "PROMPT_TUNING" else 0
-        prefix = peft.num_virtual_tokens if kind == "PREFIX_TUNING" else 0
+        adapter = adapter_of(model)  # the PEFT method says where its virtual tokens sit
+        prompt = adapter.prompt_tokens if adapter else 0
+        prefix = adapter.prefix_tokens if adapter else 0
         if prompt:
             first = -1
         if prefix:
@@ -176,6 +176,7 @@ class FlopModel:
                 a = mod.lora_A["default"]
                 dora.append((int(m.group(1)) if m else -1, a.in_features, mod.lora_B["default"].out_features,
                              a.out_features, bool(mod.fan_in_fan_out)))
+        peft = getattr(model, "peft_config", {}).get("default")
         dropout = bool(dora) and getattr(peft, "lora_dropout", 0.0) > 0
         return cls(tuple(rows), _num_blocks(config), _attention_width(config), first, prompt, prefix,
                    tuple(dora), dropout)

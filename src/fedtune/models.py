@@ -1,5 +1,6 @@
 """Models: where the base model comes from (embedded packages, the hub, a directory, a GGUF
-file, tiny random configs), LoRA on top of it, and swapping the small tunable state."""
+file, tiny random configs), the PEFT method on top of it (adapters/), and swapping the small
+tunable state."""
 
 from __future__ import annotations
 
@@ -11,24 +12,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .adapters import ADAPTERS
 from .config import ModelConfig
 from .errors import FedtuneError
 from .gguf_cache import converted
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED = ("smollm2", "minilm", "tiny-gpt2", "tiny-llama", "tiny-bert")
-
-# LoRA targets per architecture: the attention projections, as in the case study.
-LORA_TARGETS = {
-    "gpt2": ["c_attn"],
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-}
-# GPT-2 stores c_attn as Conv1D (weight is in x out), which LoRA must be told about.
-FAN_IN_FAN_OUT = {"gpt2"}
 
 TINY = {
     "tiny-gpt2": dict(model_type="gpt2", n_layer=2, n_embd=64, n_head=2, n_positions=128),
@@ -152,8 +142,6 @@ def base_reference(name: str) -> tuple[str, str]:
     return name, f"the Hugging Face model {name} (from the hub cache; download it with HF_HUB_OFFLINE=0)"
 
 
-
-
 def load_tokenizer(cfg: ModelConfig):
     from transformers import AutoTokenizer
 
@@ -246,71 +234,18 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
     base.enable_input_require_grads()
 
 
-def default_targets(model_type: str) -> list[str]:
-    if model_type in LORA_TARGETS:
-        return LORA_TARGETS[model_type]
-    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as peft_map
-
-    if model_type in peft_map:
-        return list(peft_map[model_type])
-    raise FedtuneError(f"no default LoRA target for architecture {model_type!r}; set model.target_modules")
-
-
-def max_rank(cfg: ModelConfig) -> int:
-    """The rank the one shared model is built with: the largest any client ever uses."""
-    return max([cfg.lora_r, *cfg.client_ranks, *cfg.rank_schedule.values()])
-
-
-def peft_config(cfg: ModelConfig, model_type: str, task: str = "classify"):
-    """The PEFT library's config for ``model.peft``."""
-    from peft import IA3Config, LoraConfig, PrefixTuningConfig, PromptTuningConfig, TaskType
-
-    task_type = TaskType.SEQ_CLS if task == "classify" else TaskType.CAUSAL_LM
-    targets = cfg.target_modules or default_targets(model_type)
-    if cfg.peft == "ia3":
-        # On the attention projections, like LoRA: a learned scale on their outputs.
-        return IA3Config(task_type=task_type, target_modules=targets, feedforward_modules=[],
-                         fan_in_fan_out=model_type in FAN_IN_FAN_OUT)
-    if cfg.peft == "prompt":
-        return PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.virtual_tokens)
-    if cfg.peft == "prefix":
-        return PrefixTuningConfig(task_type=task_type, num_virtual_tokens=cfg.virtual_tokens)
-    return LoraConfig(
-        task_type=task_type,
-        r=max_rank(cfg),
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        bias="none",
-        init_lora_weights=cfg.lora_init if cfg.lora_init != "default" else True,
-        target_modules=targets,
-        fan_in_fan_out=model_type in FAN_IN_FAN_OUT,
-        use_rslora=cfg.lora_scaling == "rslora",
-        use_dora=cfg.peft == "dora",
-    )
-
-
-def add_lora(model: nn.Module, cfg: ModelConfig, task: str = "classify") -> nn.Module:
-    """The PEFT method ``model.peft`` (LoRA by default) on top of the frozen model."""
-    from peft import get_peft_model
-
-    try:
-        peft_model = get_peft_model(model, peft_config(cfg, model.config.model_type, task))
-    except ValueError as exc:
-        raise FedtuneError(f"model.peft={cfg.peft}: {exc}") from None
-    if cfg.lora_freeze_a:  # FFA-LoRA: A keeps its seeded init, the same on every client
-        for name, p in peft_model.named_parameters():
-            if ".lora_A." in name:
-                p.requires_grad_(False)
-    return peft_model
+def add_peft(model: nn.Module, cfg: ModelConfig, task: str = "classify") -> nn.Module:
+    """The PEFT method ``model.peft`` (adapters/) on top of the frozen model."""
+    return ADAPTERS.load(cfg.peft)(cfg).wrap(model, task)
 
 
 def build(cfg: ModelConfig, num_labels: int, seed: int, task: str = "classify"):
-    """-> (peft model, tokenizer). The head and LoRA init are seeded, so every run, every
+    """-> (peft model, tokenizer). The head and the PEFT init are seeded, so every run, every
     client and the server start from the same weights."""
     tok = load_tokenizer(cfg)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = add_lora(load_base(cfg, tok, num_labels, task), cfg, task)
+        model = add_peft(load_base(cfg, tok, num_labels, task), cfg, task)
     return model, tok
 
 
@@ -357,8 +292,8 @@ def save_adapter(model: nn.Module, out: Path, label_names: list[str], tokenizer=
     through modules_to_save), so ``PeftModel.from_pretrained`` loads it; with the base model it
     adapts recorded in adapter_config.json and the tokenizer beside it."""
     if model_name and hasattr(model, "peft_config"):
-        for lora in model.peft_config.values():
-            lora.base_model_name_or_path = base_reference(model_name)[0]
+        for peft_cfg in model.peft_config.values():
+            peft_cfg.base_model_name_or_path = base_reference(model_name)[0]
     # No vocabulary is ever changed here; "auto" would look the base up (on the hub, for an id).
     model.save_pretrained(out, save_embedding_layers=False)
     if tokenizer is not None:

@@ -3,14 +3,16 @@ tunable parameters with a strategy (FedAvg by default) and sends them back (pape
 
 LoRA ranks may differ per client (``model.client_ranks``) or grow over rounds
 (``model.rank_schedule``): each client receives and uploads a state of its own rank, held
-zero-padded in the one shared model (strategies/lora.py says why that is exact). Every server
-record of a LoRA run carries ``aggregation_error``: how far the product of the averaged
-factors is from the average of the clients' products (docs/peft.md)."""
+zero-padded in the one shared model (adapters/lora_state.py says why that is exact). What a
+client receives, and what the server does after aggregating, are the strategy's hooks
+(strategies/base.py). Every server record of a LoRA run carries ``aggregation_error``: how far
+the product of the averaged factors is from the average of the clients' products (docs/peft.md)."""
 
 from __future__ import annotations
 
 from .. import models
-from ..strategies import lora
+from ..adapters import lora_state as lora
+from ..adapters.lora import max_rank
 from ..strategies.base import split_extras, with_extras
 from ..privacy import attacks, dp_sgd
 from ..wire import Message
@@ -36,16 +38,16 @@ class FedAvgFramework(Framework):
             return m.rank_schedule[str(max(int(k) for k in m.rank_schedule if int(k) <= rnd))]
         return m.client_ranks[cid] if m.client_ranks else m.lora_r
 
-    def configure(self, rnd, cid):  # a1: send the global tunable parameters, at the client's rank
+    def configure(self, rnd, cid):  # a1: send the global tunable parameters, as the strategy shapes them
         r = self.rank(rnd, cid)
         if self.cfg.model.rank_schedule and lora.rank(self.global_state) < r:
             # The rank grows: new A rows seeded (std 1/r, as PEFT's gaussian init), new B columns
             # zero, so the global model's output is unchanged.
             self.global_state = lora.resize(self.global_state, r, seed=self.cfg.seed, std=1.0 / r)
-        if isinstance(self.strategy, lora.RankStrategy):
-            return Message(self.strategy.for_client(self.global_state, r))
-        # with whatever the strategy sends along (SCAFFOLD's c)
-        return Message(with_extras(lora.resize(self.global_state, r), self.strategy.downlink(self.global_state, cid)))
+        # for a rank-r client (FLoRA: a fresh adapter and the stack to merge), with whatever the
+        # strategy sends along (SCAFFOLD's c)
+        tunable = self.strategy.for_client(self.global_state, r)
+        return Message(with_extras(tunable, self.strategy.downlink(self.global_state, cid)))
 
     def fit(self, rnd, cid, msg, state, link):  # a2: local fine-tuning
         tunable, rule = self.local_rule(msg, state)
@@ -62,6 +64,7 @@ class FedAvgFramework(Framework):
         up = models.get_tunable(self.ctx.model)
         up = attacks.poison(self.cfg, cid, tensors, lora.resize(up, r) if r else up)
         return ClientResult(Message(with_extras(up, rule.upload())), dp_sgd.keep(dp, rule.state()), metrics)
+
     def aggregate(self, rnd, results):  # a4: aggregate into the global parameters
         # the clients' tunable states, without what a strategy sent along (SCAFFOLD's variates)
         updates = [(split_extras(msg.tensors)[0], metrics["num_samples"]) for msg, metrics in results.values()]
@@ -70,24 +73,16 @@ class FedAvgFramework(Framework):
         exact = has_lora and SUMMED not in results
         record = {"aggregation_error": lora.aggregation_error(updates, frozen=self.frozen)} if exact else {}
         record.update(self.aggregate_tunable(results))
-        if has_lora and isinstance(self.strategy, lora.RankStrategy):
-            # The error of what this strategy built (0 for flora, the truncation for flexlora).
-            record["aggregation_error_global"] = lora.aggregation_error(updates, self.global_state, self.frozen)
-        if isinstance(self.strategy, lora.MergingStrategy):
-            deltas = lora.scaled_products(self.ctx.model, self.global_state)
-            lora.merge_once(self.ctx.model, deltas, self.strategy.aggregations)
-            self.strategy.note_merged(self.ctx.model, deltas)
+        # the strategy's own record entries and work on the model (FLoRA merges its stack)
+        record.update(self.strategy.after_aggregate(self.ctx.model, self.global_state, updates, self.frozen))
         return record
 
     def global_model(self):
-        state = self.global_state
-        if isinstance(self.strategy, lora.RankStrategy):
-            state = lora.apply_merges(self.ctx.model, self.strategy.for_client(state, models.max_rank(self.cfg.model)))
+        # what a client of the model's full rank would hold (FLoRA's: the merged weights, a fresh adapter)
+        state = lora.apply_merges(self.ctx.model, self.strategy.for_client(self.global_state, max_rank(self.cfg.model)))
         models.set_tunable(self.ctx.model, lora.fit_to(state, self.shapes))
         return self.ctx.model
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        if isinstance(self.strategy, lora.MergingStrategy) and self.strategy.aggregations:
-            # A resumed run's model is fresh: rebuild the weights merged so far.
-            self.strategy.restore_merged(self.ctx.model)
+        self.strategy.restore(self.ctx.model)  # a resumed run's model is fresh: FLoRA's merges are redone

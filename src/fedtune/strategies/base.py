@@ -10,7 +10,14 @@ framework special-cases it:
           step's gradients, adds tensors to the upload and returns the client's new state
   server  ``receive(extras)``          the clients' extra tensors, before ``aggregate``
 Extra tensors travel in the same serialized message as the tunable ones, under the ``EXTRA``
-prefix, so the bytes they cost are counted like any other."""
+prefix, so the bytes they cost are counted like any other.
+
+A strategy that shapes what each client holds or changes the model itself (the rank-aware
+ones, strategies/rank.py) does so through three server hooks, so no framework asks which
+strategy it has:
+  ``for_client(global_state, r)``   the tunable state a client of LoRA rank r receives
+  ``after_aggregate(model, ...)``   after ``aggregate``: work on the model, extra record entries
+  ``restore(model)``                after ``load_state_dict`` on resume: rebuild that work"""
 
 from __future__ import annotations
 
@@ -19,6 +26,7 @@ from typing import Any, Iterable
 
 import torch
 
+from ..adapters.lora_state import resize
 from ..errors import FedtuneError
 
 State = dict[str, torch.Tensor]
@@ -119,6 +127,22 @@ class Strategy(ABC):
 
     def receive(self, extras: list[State]) -> None:
         pass
+
+    # ---- the server hooks (see the module docstring); the defaults suit a strategy whose
+    # clients all hold the global state as it is, at their own rank
+    def for_client(self, global_state: State, r: int) -> State:
+        """What a client of LoRA rank ``r`` receives: the global state's leading r components."""
+        return resize(global_state, r)
+
+    def after_aggregate(self, model: torch.nn.Module, global_state: State, updates: list[tuple[State, float]],
+                        frozen: State) -> dict[str, Any]:
+        """After ``aggregate`` built ``global_state`` from ``updates`` (``frozen``: factors no
+        client sends, FFA-LoRA's A) -> entries for the server's record."""
+        return {}
+
+    def restore(self, model: torch.nn.Module) -> None:
+        """After ``load_state_dict`` on resume, with a fresh model: redo what ``after_aggregate``
+        changed in it."""
 
     def state_dict(self) -> dict[str, Any]:
         return {}

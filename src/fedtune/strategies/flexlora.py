@@ -7,17 +7,9 @@ squared error the sum of the discarded squared singular values."""
 
 from __future__ import annotations
 
-import torch
-
+from ..adapters.lora_state import pairs, products, rank, svd_factors, weighted
 from .base import State
-from .lora import RankStrategy, pairs, products, rank, weighted
-
-
-def svd_factors(w: torch.Tensor, r: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> (B, A) with B A the best rank-r approximation of w (float64)."""
-    u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
-    root = s[:r].sqrt()
-    return u[:, :r] * root, root[:, None] * vh[:r]
+from .rank import RankStrategy
 
 
 class FlexLoRA(RankStrategy):

@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import torch
 
+from ..adapters.lora_state import MERGE, MERGE_TAG, pairs, resize, stack
 from .base import State
-from .lora import MERGE, MERGE_TAG, MergingStrategy, pairs, resize
+from .rank import MergingStrategy
 
 
 class FLoRA(MergingStrategy):
     name = "flora"
 
     def aggregate(self, current: State, updates: list[tuple[State, float]]) -> State:
-        total = float(sum(w for _, w in updates))
-        out = self.others_mean(updates)
-        for a, b in pairs(updates[0][0]).values():
-            out[a] = torch.cat([s[a] for s, _ in updates])
-            out[b] = torch.cat([s[b] * (w / total) for s, w in updates], dim=1)
+        out = {**self.others_mean(updates), **stack(updates)}
         self.aggregations += 1
         return out
 
@@ -35,5 +32,5 @@ class FLoRA(MergingStrategy):
             return resize(global_state, r)
         # A fresh adapter: A seeded per aggregation (std 1/r, as PEFT's gaussian init), B = 0.
         fresh = resize(resize(global_state, 0), r, seed=self.cfg.seed + self.aggregations, std=1.0 / r)
-        stack = {MERGE + k: global_state[k] for pair in pairs(global_state).values() for k in pair}
-        return {**fresh, **stack, MERGE_TAG: torch.tensor(self.aggregations)}
+        stacked = {MERGE + k: global_state[k] for pair in pairs(global_state).values() for k in pair}
+        return {**fresh, **stacked, MERGE_TAG: torch.tensor(self.aggregations)}

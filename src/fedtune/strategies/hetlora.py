@@ -6,8 +6,9 @@ more, as the paper's norm-based weighting. Each client then gets the leading r_i
 
 from __future__ import annotations
 
+from ..adapters.lora_state import pairs, products, rank, resize, weighted
 from .base import State
-from .lora import RankStrategy, pairs, products, rank, resize, weighted
+from .rank import RankStrategy
 
 
 class HetLoRA(RankStrategy):
