@@ -121,8 +121,8 @@ def test_flower_version_is_checked(monkeypatch):
 
     monkeypatch.setattr(flwr, "__version__", "1.40.0")
     monkeypatch.delitem(sys.modules, "fedtune.runtimes.flower_compat")
-    with pytest.raises(FedtuneError, match=r"^fedtune's Flower runtimes were written for flwr 1\.41\.0, "
-                                           r"found flwr 1\.40\.0: pip install 'flwr==1\.41\.0'$"):
+    with pytest.raises(FedtuneError, match=r"^fedtune's Flower runtimes were written for flwr 1\.42\.0, "
+                                           r"found flwr 1\.40\.0: pip install 'flwr==1\.42\.0'$"):
         importlib.import_module("fedtune.runtimes.flower_compat")
 
 

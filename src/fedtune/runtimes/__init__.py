@@ -17,5 +17,5 @@ def run(cfg, rundir, progress=None, resume=False):
     try:
         runner = RUNTIMES.load(cfg.runtime)
     except ImportError as exc:
-        raise FedtuneError(f"runtime {cfg.runtime!r} needs Flower: pip install 'flwr==1.41.0' ({exc})") from None
+        raise FedtuneError(f"runtime {cfg.runtime!r} needs Flower: pip install 'flwr==1.42.0' ({exc})") from None
     return runner(cfg, rundir, progress, resume)

@@ -3,7 +3,7 @@
 ``flower-sim``: Flower's simulation engine (its SuperLink state, Grid and message routing run
 in this process). The ``thread`` backend runs each ClientApp in a worker thread of this
 process, sharing the one frozen base model with the ServerApp as the in-process runtime does;
-``ray`` uses Flower's Ray backend (``pip install "flwr[simulation]==1.41.0"``), one process
+``ray`` uses Flower's Ray backend (``pip install "flwr[simulation]==1.42.0"``), one process
 per actor.
 
 ``flower``: the deployment engine. With ``flower.superlink`` empty, fedtune starts a SuperLink

@@ -1,4 +1,4 @@
-"""fedtune's Flower ServerApp and ClientApp (Message API of flwr 1.41).
+"""fedtune's Flower ServerApp and ClientApp (Message API of flwr 1.42).
 
 The apps only move bytes: the server side runs ``rounds.run_rounds`` over a ``FlowerGrid``, the
 client side runs ``rounds.run_client``. Each message carries the very blob the in-process runtime meters

@@ -25,7 +25,7 @@ import flwr
 
 from ..errors import FedtuneError
 
-FLWR_VERSION = "1.41.0"
+FLWR_VERSION = "1.42.0"
 
 
 def check_version(found: str) -> None:
@@ -38,7 +38,7 @@ check_version(flwr.__version__)
 
 # =========================================================================== simulation
 
-# flwr 1.41's simulation engine always builds its Ray backend, imported from this module.
+# flwr 1.42's simulation engine always builds its Ray backend, imported from this module.
 _RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"
 
 
@@ -129,7 +129,7 @@ def environment(base: dict[str, str]) -> dict[str, str]:
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"}
 
 
-# flwr 1.41's SuperNode sleeps a fixed 3 s after each empty poll of the SuperLink, and 0.5 s
+# flwr 1.42's SuperNode sleeps a fixed 3 s after each empty poll of the SuperLink, and 0.5 s
 # between looks for its ClientApp's reply: a round's messages wait up to 3.5 s on each node for
 # nothing. The SuperNodes fedtune starts itself poll at most this often instead.
 SUPERNODE_POLL_S = 0.25
@@ -191,7 +191,7 @@ def processes_mentioning(marker: str) -> list[int]:
 
 # =========================================================================== secure aggregation
 
-# Flower's SecAgg+ (Bell et al., 2020) exists in flwr 1.41 as a legacy workflow: a ``Strategy``
+# Flower's SecAgg+ (Bell et al., 2020) exists in flwr 1.42 as a legacy workflow: a ``Strategy``
 # picks the clients and receives the unmasked aggregate, FitIns/FitRes travel as RecordDicts,
 # and the client side is a mod around the ClientApp. fedtune uses all of it as it is: its
 # Strategy below only hands out the prepared fit instructions and keeps what SecAgg+ returns.

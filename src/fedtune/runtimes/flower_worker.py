@@ -1,6 +1,6 @@
 """A client's round from bytes to bytes, and the warm worker that runs it for a SuperNode.
 
-Flower 1.41 starts a fresh ClientApp process for every message. Were that process to import
+Flower 1.42 starts a fresh ClientApp process for every message. Were that process to import
 torch and build the model, every message would pay seconds (minutes for a 1-7B model). So a
 deployment ClientApp (runtimes/flower_app.py) imports only flwr and numpy and hands the round to
 its node's worker: one long-lived process beside each SuperNode that keeps the model, data and
