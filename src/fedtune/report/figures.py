@@ -10,7 +10,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from .load import Setting
-from .names import AXIS, COLORS, FRAMEWORKS, MAIN_TASK, TITLES, fmt
+from .names import AXIS, COLORS, FRAMEWORKS, MAIN_TASK, TITLES, abbreviations, fmt, seeds_phrase
 
 
 def _plt():
@@ -68,8 +68,7 @@ def plot_accuracy(settings: list[Setting], path: Path) -> bool:
     top = max(sum(s.stats["final_acc"]) for g in groups.values() for s in g)
     axes[0][0].set_ylim(0, min(100, 100 * top * 1.2 + 2))
     counts = {len(s.runs) for g in groups.values() for s in g}
-    seeds = f"{max(counts)} seed{'s' if max(counts) > 1 else ''}" if len(counts) == 1 else f"{min(counts)} to {max(counts)} seeds"
-    spread = "one seed" if counts == {1} else f"mean ± std over {seeds}"
+    spread = "one seed" if counts == {1} else f"mean ± std over {seeds_phrase(counts)}"
     fig.suptitle(f"Final test accuracy\n({spread})", fontsize=11)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -112,6 +111,7 @@ def plot_costs(settings: list[Setting], path: Path) -> bool:
         bottom.set_ylim(0, max(gflops or [1]) * 1.15)
     ticks = [(s.label if s.values else s.framework) + (" (gen)" if s.task != MAIN_TASK else "") for s in settings]
     bottom.set_xticks(x, ticks, rotation=45, ha="right")
+    bottom.set_xlabel(abbreviations(k for s in settings for k in s.values))
     legend = [Patch(color=COLORS[fw], label=TITLES[fw]) for fw in FRAMEWORKS if fw in {s.framework for s in settings}]
     if any(s.task != MAIN_TASK for s in settings):
         legend.append(Patch(facecolor="white", edgecolor="black", hatch="//", label="generation task"))
@@ -187,8 +187,8 @@ def plot_accuracy_traffic(settings: list[Setting], path: Path) -> bool:
     ax.legend(handles=[Line2D([], [], marker="o", ls="", color=COLORS[fw], label=TITLES[fw]) for fw in frameworks],
               fontsize=8, loc="best")
     counts = {len(s.runs) for s in points}
-    ax.set_title(f"Final test accuracy against traffic (mean ± std over {min(counts)}"
-                 f"{'' if len(counts) == 1 else f' to {max(counts)}'} seeds)")
+    spread = "one seed" if counts == {1} else f"mean ± std over {seeds_phrase(counts)}"
+    ax.set_title(f"Final test accuracy against traffic ({spread})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -28,3 +28,16 @@ def fmt(metric: str, x: float | None, std: float | None = None) -> str:
         return text if std is None else f"{100 * x:.1f} ± {100 * std:.1f}%"
     spec = ",.0f" if abs(x) >= 1000 else ".3g"  # no exponents: 1,400 rather than 1.4e+03
     return format(x, spec) if std is None else f"{format(x, spec)} ± {format(std, spec if std >= 1000 else '.2g')}"
+
+
+def seeds_phrase(counts: set[int]) -> str:
+    """How many seeds a figure's points average: "one seed", "3 seeds", "2 to 3 seeds"."""
+    low, high = min(counts), max(counts)
+    if low != high:
+        return f"{low} to {high} seeds"
+    return "one seed" if high == 1 else f"{high} seeds"
+
+
+def abbreviations(keys) -> str:
+    """What the short names in tick labels stand for ("PD = public set size (samples)")."""
+    return "; ".join(f"{SHORT[k]} = {AXIS[k]}" for k in sorted(set(keys)) if k in SHORT and SHORT[k] != "r")
