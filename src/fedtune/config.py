@@ -27,9 +27,11 @@ class DataConfig:
     path: str = ""
     # The pool of training rows is shuffled by seed; the public set is taken from its front and
     # the private set from its back, so sweeping public_size never changes the clients' data.
-    public_size: int = 500
-    private_size: int = 900  # 0 = every row not in the public set
-    test_size: int = 400  # 0 = the full test set; else a fixed, seeded subset
+    # -1 = auto: the sizes follow the data when it is read (data.resolve_sizes, docs/sft.md), and
+    # config.toml records the numbers chosen. Banking77 resolves to 500, 900 and 400.
+    public_size: int = -1
+    private_size: int = -1  # 0 = every row not in the public set
+    test_size: int = -1  # 0 = the full test set; else a fixed, seeded subset
     max_length: int = 80
     padding: str = "dynamic"  # "dynamic" (pad per batch) or "max_length" (always max_length)
     partition: str = "iid"  # "iid" or "dirichlet"
@@ -45,6 +47,9 @@ class DataConfig:
     # > 0: the public set is drawn with label y weighted exp(-public_skew * y / (labels - 1)), so its
     # label distribution is shifted from the private rows' (kd.align's setting; docs/kd.md).
     public_skew: float = 0.0
+    # train.task=sft: the system turn of every prompt (training, evaluation, generate, export);
+    # empty = none, not even the chat template's own default.
+    system_prompt: str = ""
 
 
 @dataclass
@@ -479,9 +484,9 @@ def validate(cfg: RunConfig) -> None:
         raise FedtuneError("kd.aggregation=entropy needs kd.entropy_threshold > 0 (nats; ln(labels) keeps everything)")
     if not 0.0 < cfg.fed.fraction <= 1.0:
         raise FedtuneError(f"fed.fraction must be in (0, 1]; got {cfg.fed.fraction}")
-    for key in ("data.public_size", "data.private_size", "data.test_size", "data.max_labels"):
-        if dataclasses.asdict(cfg)[key.split(".")[0]][key.split(".")[1]] < 0:
-            raise FedtuneError(f"{key} must be >= 0")
+    if cfg.data.max_labels < 0:
+        raise FedtuneError("data.max_labels must be >= 0")
+    _validate_sizes(cfg)
     if not 0.0 <= cfg.split.act_topk < 1.0:
         raise FedtuneError(f"split.act_topk must be in [0, 1) (0 = dense); got {cfg.split.act_topk}")
     if cfg.split.split_layer < 0:
@@ -498,6 +503,12 @@ def validate(cfg: RunConfig) -> None:
     _validate_kd_directions(cfg)
     _validate_continual(cfg)
     _validate_init_from(cfg)
+
+
+def _validate_sizes(cfg: RunConfig) -> None:
+    for key in ("public_size", "private_size", "test_size"):
+        if getattr(cfg.data, key) < -1:
+            raise FedtuneError(f"data.{key} must be >= 0, or -1 for auto")
 
 
 def _validate_sft_and_gpu(cfg: RunConfig) -> None:
@@ -693,7 +704,7 @@ def _validate_kd_directions(cfg: RunConfig) -> None:
     """kd's research directions (docs/kd.md) and the public set's label shift they are measured on."""
     kd, d = cfg.kd, cfg.data
     _one_of("kd.select", kd.select, ("random", "entropy", "disagreement"))
-    if not 0 <= kd.public_per_round <= d.public_size:
+    if kd.public_per_round < 0 or 0 <= d.public_size < kd.public_per_round:  # auto (-1): checked once resolved
         raise FedtuneError(f"kd.public_per_round must be in [0, data.public_size={d.public_size}] (0 = all); "
                            f"got {kd.public_per_round}")
     if kd.select != "random" and not kd.public_per_round:
