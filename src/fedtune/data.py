@@ -222,6 +222,10 @@ def resolve_sizes(cfg: DataConfig, train_rows: int, test_rows: int | None, publi
         if private == AUTO:
             private = max(pool - public, 0)
     cfg.test_size, cfg.public_size, cfg.private_size = test, public, private
+    # The demo split (400, 500, 900) is what the docs promise; only sizes that depart from it are news.
+    chosen = {"test_size": (test, DEFAULT_TEST), "public_size": (public, DEFAULT_PUBLIC), "private_size": (private, DEFAULT_PRIVATE)}
+    if all(v != AUTO or chosen[k][0] == chosen[k][1] for k, v in sizes.items()):
+        return
     auto = ", ".join(f"data.{k}" for k, v in sizes.items() if v == AUTO)
     log.info("data: %d test, %d public, %d private rows of %s (%s chosen from the data; set them to change)",
              test, public, private, where, auto)
