@@ -144,7 +144,8 @@ def read_raw(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, st
             root,
         )
     if root.is_file():
-        raise FedtuneError(f"{root}: is a file; --data takes the directory that holds train.csv and test.csv")
+        raise FedtuneError(f"{root}: is a file; --data takes the directory that holds train.csv and test.csv "
+                           "(prompt/response rows in one file: --task sft, docs/sft.md)")
     if cfg.path and not cfg.path.startswith((".", "/", "~")) and cfg.path.count("/") == 1:
         train, test = _read_hub(cfg.path, cfg)
         return train, test, cfg.path
