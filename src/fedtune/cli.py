@@ -121,8 +121,10 @@ def preflight(cfg) -> None:
     from . import config as configlib
     from . import data as datalib
     from . import models
+    from .sft_data import pick_task
     from .tasks import TASKS
 
+    pick_task(cfg)
     TASKS.load(cfg.train.task).load_data(cfg)
     cfg.data.path = datalib.resolved_path(cfg.data)
     models.resolve(cfg.model.name)
@@ -239,7 +241,8 @@ def cmd_run(args) -> int:
     if not args.quiet:
         print_table(rundir.metrics.records(), f"fedtune {cfg.framework} ({rundir.path})", Console())
     acc = summary.get("final_test_accuracy")
-    print(f"final test accuracy {acc:.2%}; results in {rundir.path}" if acc is not None else f"results in {rundir.path}")
+    metric = summary.get("test_metric", "accuracy")
+    print(f"final test {metric} {acc:.2%}; results in {rundir.path}" if acc is not None else f"results in {rundir.path}")
     return 0
 
 

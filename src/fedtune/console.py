@@ -9,6 +9,7 @@ import time
 from typing import Any, Callable
 
 from .metrics import MB, per_round
+from .tasks import metric_label, short_label
 
 
 def plural(n: int, word: str) -> str:
@@ -44,6 +45,13 @@ COLUMNS = [
 TABLE_NOTE = "MB up/down, GFLOPs and client s: mean per client; peak MB: the largest client's"
 
 
+def headers(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The column headers; the test metric's is the task's own (acc, rougeL, exact match)."""
+    server = [r for r in records if r.get("client") == "server"]
+    label = short_label(metric_label(server[-1] if server else None))
+    return [("test", label) if key == "test_accuracy" else head for head, key, _ in COLUMNS]
+
+
 def table_cells(records: list[dict[str, Any]]) -> list[list[str]]:
     return [[_fmt(r[key], spec) for _, key, spec in COLUMNS] for r in per_round(records)]
 
@@ -52,7 +60,7 @@ def plain_table(records: list[dict[str, Any]], title: str = "fedtune") -> str:
     """The table as plain text, every column as wide as its widest cell: for logs and narrow
     terminals, where a drawn table would have to cut numbers."""
     rows = table_cells(records)
-    heads = [h for h, _, _ in COLUMNS]
+    heads = headers(records)
     widths = [max([len(h[0]), len(h[1])] + [len(r[i]) for r in rows]) for i, h in enumerate(heads)]
     line = lambda cells: "  ".join(c.rjust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
     out = [title, line([h[0] for h in heads]), line([h[1] for h in heads])]
@@ -64,7 +72,7 @@ def table(records: list[dict[str, Any]], title: str = "fedtune"):
     from rich.table import Table
 
     t = Table(title=title, caption=TABLE_NOTE)
-    for (top, bottom), _, _ in COLUMNS:
+    for top, bottom in headers(records):
         t.add_column(f"{top}\n{bottom}" if top else bottom, justify="right", no_wrap=True)
     for cells in table_cells(records):
         t.add_row(*cells)
@@ -110,6 +118,7 @@ class LogProgress(Progress):
         self.started = self.last_step = time.monotonic()
         self.done_in_round: dict[int, int] = {}
         self.current = ""
+        self.metric = "acc"  # the test metric's name, from the last server record
         self.client_started: float | None = None  # until a step is timed
         self.first_step = 0.0
 
@@ -169,15 +178,16 @@ class LogProgress(Progress):
             parts.append(f"loss {record['train_loss']:.3f}")
         acc = record.get("client_test_accuracy", record.get("test_accuracy"))
         if acc is not None:
-            parts.append(f"test acc {acc:.2%}")
+            parts.append(f"test {self.metric} {acc:.2%}")
         parts.append(f"{record.get('bytes_up', 0) / MB:.2f} MB up, {record.get('bytes_down', 0) / MB:.2f} MB down")
         parts.append(self._times(self._fraction(rnd, n)))
         self.write(", ".join(parts))
 
     def round_done(self, rnd, server):
         parts = [f"round {rnd}/{self.rounds} done"]
+        self.metric = short_label(metric_label(server))
         if server.get("test_accuracy") is not None:
-            parts.append(f"test acc {server['test_accuracy']:.2%}")
+            parts.append(f"test {self.metric} {server['test_accuracy']:.2%}")
         if server.get("test_loss") is not None:
             parts.append(f"test loss {server['test_loss']:.3f}")
         if server.get("round_seconds") is not None:
@@ -215,7 +225,7 @@ class RichProgress(Progress):
 
     def round_done(self, rnd, server):
         acc = server.get("test_accuracy")
-        self.last = f" (last acc {acc:.1%})" if acc is not None else ""
+        self.last = f" (last {short_label(metric_label(server))} {acc:.1%})" if acc is not None else ""
         self.bar.update(self.rounds, advance=1, description=f"round {rnd}{self.last}")
 
     def stop(self):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import logging
 import math
 import os
 import random
@@ -20,6 +21,10 @@ from .errors import FedtuneError
 # The test subset is the same for every seed so that runs with different seeds are compared
 # on the same questions.
 TEST_SUBSET_SEED = 1234
+AUTO = -1  # data.test_size / public_size / private_size: chosen from the data (resolve_sizes)
+# Banking77's demo split, kept wherever it fits data that has a test file of its own.
+DEFAULT_TEST, DEFAULT_PUBLIC, DEFAULT_PRIVATE = 400, 500, 900
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,10 +129,10 @@ def _read_hub(name: str, cfg: DataConfig) -> tuple[list[tuple[str, str]], list[t
 
 
 def resolved_path(cfg: DataConfig) -> str:
-    """Where the data is read from, as config.toml records it: an absolute directory (the
-    default one included), or a hub dataset id."""
+    """Where the data is read from, as config.toml records it: an absolute directory or file
+    (the default directory included), or a hub dataset id."""
     root = Path(cfg.path).expanduser() if cfg.path else default_data_dir()
-    return str(root.resolve()) if root.is_dir() else cfg.path
+    return str(root.resolve()) if root.is_dir() or root.is_file() else cfg.path
 
 
 def read_raw(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, str]], Path | str]:
@@ -139,7 +144,8 @@ def read_raw(cfg: DataConfig) -> tuple[list[tuple[str, str]], list[tuple[str, st
             root,
         )
     if root.is_file():
-        raise FedtuneError(f"{root}: is a file; --data takes the directory that holds train.csv and test.csv")
+        raise FedtuneError(f"{root}: is a file; --data takes the directory that holds train.csv and test.csv "
+                           "(prompt/response rows in one file: --task sft, docs/sft.md)")
     if cfg.path and not cfg.path.startswith((".", "/", "~")) and cfg.path.count("/") == 1:
         train, test = _read_hub(cfg.path, cfg)
         return train, test, cfg.path
@@ -175,17 +181,55 @@ def dirichlet_partition(labels: list[int], clients: int, alpha: float, rng: rand
     return [sorted(s) for s in shards]
 
 
-def load(cfg: DataConfig, clients: int, seed: int) -> FedData:
-    """Read, check and split the data. Deterministic given (cfg, clients, seed)."""
+def load(cfg: DataConfig, clients: int, seed: int, public_rows: bool = True) -> FedData:
+    """Read, check and split the data. Deterministic given (cfg, clients, seed); auto sizes in
+    ``cfg`` become numbers (``resolve_sizes``; ``public_rows``: the framework reads public rows)."""
     train_rows, test_rows, root = read_raw(cfg)
     names = label_names(train_rows, cfg.max_labels)
     index = {n: i for i, n in enumerate(names)}
     test_file = f"{root}/test.csv" if isinstance(root, Path) else f"{root}:test"
     test = labelled_test(test_rows, index, test_file, reduced=bool(cfg.max_labels))
     pool = Rows([t for t, l in train_rows if l in index], [index[l] for t, l in train_rows if l in index])
+    resolve_sizes(cfg, len(pool), len(test), public_rows, str(root))
     public, private = public_and_private(pool, set(test.texts), cfg, seed)
     shards = partition(private, clients, cfg, seed)
     return FedData(names, public, [private.subset(s) for s in shards], test_subset(test, cfg.test_size))
+
+
+def resolve_sizes(cfg: DataConfig, train_rows: int, test_rows: int | None, public_rows: bool, where: str) -> None:
+    """Replace each auto (-1) size in ``cfg`` by a number, in place, and say so in one line.
+
+    ``test_rows`` is None when the test rows are held out of the training rows (a single file).
+    With a test file, and when 500 public + 900 private rows fit (Banking77), the sizes are 400,
+    500 and 900. Otherwise: test = a tenth of the rows held out (1 to 400); public = half the rest
+    up to 500 for a framework that reads public rows (kd), else 0; private = every row left."""
+    sizes = {"test_size": cfg.test_size, "public_size": cfg.public_size, "private_size": cfg.private_size}
+    if AUTO not in sizes.values():
+        return
+    test = cfg.test_size
+    if test == AUTO:
+        test = min(DEFAULT_TEST, test_rows) if test_rows is not None else min(DEFAULT_TEST, max(1, train_rows // 10))
+    held = 0 if test_rows is not None else test or max(1, train_rows // 10)
+    pool = max(train_rows - held, 0)
+    public, private = cfg.public_size, cfg.private_size
+    want_public = DEFAULT_PUBLIC if public == AUTO else public
+    want_private = DEFAULT_PRIVATE if private == AUTO else private or pool - want_public
+    if test_rows is not None and want_private >= 1 and want_public + want_private <= pool:
+        public, private = want_public, DEFAULT_PRIVATE if private == AUTO else private
+    else:
+        if public == AUTO:
+            room = pool - max(private, 0)
+            public = max(min(DEFAULT_PUBLIC, room // 2), 0) if public_rows else 0
+        if private == AUTO:
+            private = max(pool - public, 0)
+    cfg.test_size, cfg.public_size, cfg.private_size = test, public, private
+    # The demo split (400, 500, 900) is what the docs promise; only sizes that depart from it are news.
+    chosen = {"test_size": (test, DEFAULT_TEST), "public_size": (public, DEFAULT_PUBLIC), "private_size": (private, DEFAULT_PRIVATE)}
+    if all(v != AUTO or chosen[k][0] == chosen[k][1] for k, v in sizes.items()):
+        return
+    auto = ", ".join(f"data.{k}" for k, v in sizes.items() if v == AUTO)
+    log.info("data: %d test, %d public, %d private rows of %s (%s chosen from the data; set them to change)",
+             test, public, private, where, auto)
 
 
 def label_names(train_rows: list[tuple[str, str]], max_labels: int) -> list[str]:

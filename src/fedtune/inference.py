@@ -6,6 +6,7 @@ starts a new run from a finished run's adapter (``warm_start``)."""
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 from typing import Iterator
@@ -105,7 +106,7 @@ def generate(run_dir: str | Path, conversations: list[list[dict]], max_new_token
     from transformers import TextStreamer
 
     from .tasks.generate import GenerateTask
-    from .tasks.sft import format_prompt
+    from .tasks.sft import context_note, context_size, fit_context, format_prompt, say_once
 
     cfg, model, tok, _ = load_run(run_dir)
     if cfg.train.task == "classify":
@@ -117,12 +118,16 @@ def generate(run_dir: str | Path, conversations: list[list[dict]], max_new_token
         if stream and len(conversations) > 1:
             print(f"{'' if i == 0 else chr(10)}### {i + 1}: {turns[-1]['content']}", flush=True)
         if cfg.train.task == "sft":
-            ids = format_prompt(tok, turns)
+            ids = format_prompt(tok, turns, cfg.data.system_prompt)
         else:  # generate: the intent-name prompt the run was trained on
             ids = tok(GenerateTask.PROMPT.format(text=turns[-1]["content"]))["input_ids"]
+        keep, new = fit_context(len(ids), max_new_tokens, context_size(model.config))
+        if new != max_new_tokens or keep < len(ids):  # never more positions than the model has
+            say_once(context_note(cfg.model.name, context_size(model.config), max_new_tokens, "--max-new-tokens"))
+        ids = ids[len(ids) - keep :]
         streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
         with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([ids], device=device), max_new_tokens=max_new_tokens,
+            out = model.generate(input_ids=torch.tensor([ids], device=device), max_new_tokens=new,
                                  do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
                                  streamer=streamer)
         answers.append(tok.decode(out[0, len(ids):], skip_special_tokens=True).strip())
@@ -140,6 +145,16 @@ def export(run_dir: str | Path, out: str | Path) -> Path:
     if cfg.train.task == "classify":
         merged.config.id2label = dict(enumerate(labels))
         merged.config.label2id = {n: i for i, n in enumerate(labels)}
+    if cfg.train.task == "sft" and getattr(tok, "chat_template", None):
+        from .tasks.sft import chat_template_with_system
+
+        # The exported template prompts as training did: data.system_prompt, or no system turn.
+        template = chat_template_with_system(tok, cfg.data.system_prompt)
+        if template is None:
+            logging.getLogger(__name__).warning("the exported chat template keeps its own default system prompt: "
+                                                "fedtune cannot take it out of this template")
+        else:
+            tok.chat_template = template
     tmp = out.with_name(out.name + ".tmp")  # written whole, then renamed: nothing half-written
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)

@@ -97,7 +97,12 @@ class RunDir:
         return ckpt["round"] if ckpt else 0
 
     def write_summary(self, extra: dict[str, Any]) -> dict[str, Any]:
-        summary = summarize(self.metrics.records(), extra)
+        from .tasks import metric_label
+
+        records = self.metrics.records()
+        server = [r for r in records if r["client"] == "server"]
+        # What final/best_test_accuracy measure: the task's own metric (sweep lines and README name it).
+        summary = summarize(records, {"test_metric": metric_label(server[-1] if server else None), **extra})
         (self.path / SUMMARY).write_text(json.dumps(summary, indent=2))
         return summary
 
@@ -109,19 +114,24 @@ class RunDir:
         base, how = base_reference(cfg.model.name)
         acc, best = summary.get("final_test_accuracy"), summary.get("best_test_accuracy")
         labels = len(json.loads((adapter / "labels.json").read_text()))
+        metric = summary.get("test_metric", "accuracy")
+        task = "sft (instruction tuning on prompt/response rows)" if cfg.train.task == "sft" else \
+            f"{cfg.train.task}, {labels} labels (labels.json)"
         rows = [
             ("base model", f"`{base}`: {how}"),
-            ("task", f"{cfg.train.task}, {labels} labels (labels.json)"),
+            ("task", task),
             ("data", f"`{cfg.data.path or 'Banking77 (default)'}`: {cfg.fed.clients} clients, {cfg.data.partition} partition"),
             ("framework", f"{cfg.framework} (strategy {cfg.fed.strategy}, runtime {cfg.runtime})"),
             ("rounds", str(summary.get("rounds", cfg.fed.rounds))),
-            ("final test accuracy", f"{acc:.2%} (best {best:.2%})" if acc is not None else "-"),
+            (f"final test {metric}", f"{acc:.2%} (best {best:.2%})" if acc is not None else "-"),
             ("seed", str(cfg.seed)),
         ]
         if cfg.model.name in TINY:
             use = "Nothing outside fedtune can load it: its base is a random-init test model.\n"
         elif cfg.train.task == "classify":
             use = f"```python\n{adapter_snippet(str(adapter))}```\n"
+        elif cfg.train.task == "sft":
+            use = sft_use(cfg.data.system_prompt)
         else:
             use = ("Load the base with `AutoModelForCausalLM`, then `PeftModel.from_pretrained(base, adapter)`; the "
                    "model writes the intent after the prompt `Query: <text>\\nIntent:` (greedy decoding).\n")
@@ -134,6 +144,18 @@ class RunDir:
             "## Use it", "", use,
         ])
         (adapter / "README.md").write_text(text)
+
+
+def sft_use(system_prompt: str) -> str:
+    """How an sft adapter is prompted: as training and evaluation prompted it (tasks/sft.py)."""
+    system = (f"the system turn {json.dumps(system_prompt)} (data.system_prompt) first" if system_prompt else
+              "no system turn (a template's own default system prompt is left out)")
+    return ("Load the base with `AutoModelForCausalLM`, then `PeftModel.from_pretrained(base, adapter)`. A prompt is "
+            "the conversation through the tokenizer's chat template (`apply_chat_template(messages, "
+            f"add_generation_prompt=True)`), with {system}; a tokenizer without a template takes "
+            "`### Instruction:\\n<prompt>\\n\\n### Response:\\n`. The model writes the response after it and ends it "
+            "with end-of-sequence (greedy decoding). `fedtune generate RUN_DIR \"prompt\"` answers this way, and "
+            "`fedtune export RUN_DIR --merged OUT` writes a model whose chat template does the same.\n")
 
 
 # How to load and use a classify adapter: docs/run-directory.md prints it with the newest run's

@@ -19,16 +19,18 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
 from .config import DataConfig
-from .data import TEST_SUBSET_SEED, FedData, Rows, dirichlet_partition, iid_partition
+from .data import TEST_SUBSET_SEED, FedData, Rows, dirichlet_partition, iid_partition, resolve_sizes
 from .errors import FedtuneError
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
+log = logging.getLogger(__name__)
 PAIRS = [("prompt", "response"), ("question", "answer"), ("instruction", "output")]
 
 Turns = list[dict[str, str]]
@@ -174,6 +176,20 @@ def read_file(path: Path, cfg: DataConfig) -> SftRows:
     return rows
 
 
+def pick_task(cfg) -> None:
+    """``--data`` given prompt/response rows and no task: a .jsonl, .json or .parquet file, or a
+    directory with such a train file and no train.csv, is instruction tuning (train.task=sft),
+    which the run says in one line. Classification reads only a directory with train.csv."""
+    if cfg.train.task != "classify" or not cfg.data.path:
+        return
+    root = Path(cfg.data.path).expanduser()
+    rows = root.suffix.lower() in (".jsonl", ".json", ".parquet") if root.is_file() else (
+        root.is_dir() and not (root / "train.csv").is_file() and _find(root, "train") is not None)
+    if rows:
+        cfg.train.task = "sft"
+        log.info("%s holds prompt/response rows: train.task = sft (instruction tuning; docs/sft.md)", cfg.data.path)
+
+
 def _find(root: Path, stem: str) -> Path | None:
     found = [root / f"{stem}{ext}" for ext in EXTENSIONS if (root / f"{stem}{ext}").is_file()]
     return found[0] if found else None
@@ -207,11 +223,13 @@ def length_partition(rows: SftRows, clients: int) -> list[list[int]]:
     return [sorted(order[cuts[c] : cuts[c + 1]]) for c in range(clients)]
 
 
-def load(cfg: DataConfig, clients: int, seed: int) -> FedData:
+def load(cfg: DataConfig, clients: int, seed: int, public_rows: bool = True) -> FedData:
     """Read and split prompt/response rows, as ``data.load`` does for labelled text: the test
     set is the test file (or ``data.test_size`` rows held out of a single file); the public set
-    comes from the front of the seeded pool and the private set from its back."""
+    comes from the front of the seeded pool and the private set from its back. Auto sizes in
+    ``cfg`` become numbers (``data.resolve_sizes``)."""
     train, test = read(cfg)
+    resolve_sizes(cfg, len(train), len(test) if test is not None else None, public_rows, cfg.path)
     rng = random.Random(seed)
     order = list(range(len(train)))
     rng.shuffle(order)
@@ -226,6 +244,9 @@ def load(cfg: DataConfig, clients: int, seed: int) -> FedData:
     test_set = set(test.texts)
     order = [i for i in order if train.texts[i] not in test_set] + [i for i in order if train.texts[i] in test_set]
     private_size = cfg.private_size or len(order) - cfg.public_size
+    if cfg.public_size >= len(order):
+        raise FedtuneError(f"data.public_size ({cfg.public_size}) leaves no private rows: only {len(order)} training "
+                           f"rows are available in {cfg.path}")
     if private_size < 1 or cfg.public_size + private_size > len(order):
         raise FedtuneError(
             f"data.public_size ({cfg.public_size}) + data.private_size ({cfg.private_size}) exceed the "

@@ -260,7 +260,8 @@ def run_sweep(exp: Experiment, console=None, live: bool = True, fail_fast: bool 
             if progress:
                 progress.point_done()
             acc = summary.get("final_test_accuracy")
-            acc_text = f"acc {acc:.1%}" if acc is not None else "no accuracy"
+            metric = summary.get("test_metric", "accuracy").replace("accuracy", "acc")
+            acc_text = f"{metric} {acc:.1%}" if acc is not None else "no accuracy"
             log(f"[{i}/{len(exp.points)}] {point.name}: {acc_text}, {time.perf_counter() - started:.0f} s")
     finally:
         if progress:

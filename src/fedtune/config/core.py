@@ -17,9 +17,11 @@ class DataConfig:
     path: str = ""
     # The pool of training rows is shuffled by seed; the public set is taken from its front and
     # the private set from its back, so sweeping public_size never changes the clients' data.
-    public_size: int = 500
-    private_size: int = 900  # 0 = every row not in the public set
-    test_size: int = 400  # 0 = the full test set; else a fixed, seeded subset
+    # -1 = auto: the sizes follow the data when it is read (data.resolve_sizes, docs/sft.md), and
+    # config.toml records the numbers chosen. Banking77 resolves to 500, 900 and 400.
+    public_size: int = -1
+    private_size: int = -1  # 0 = every row not in the public set
+    test_size: int = -1  # 0 = the full test set; else a fixed, seeded subset
     max_length: int = 80  # tokens per row; longer rows are truncated
     padding: str = "dynamic"  # "dynamic" (pad per batch) or "max_length" (always max_length)
     # "iid", "dirichlet" (label skew, dirichlet_alpha) or "length" (train.task=sft: by response length)
@@ -36,6 +38,9 @@ class DataConfig:
     # > 0: the public set is drawn with label y weighted exp(-public_skew * y / (labels - 1)), so its
     # label distribution is shifted from the private rows' (kd.align's setting; docs/kd.md).
     public_skew: float = 0.0
+    # train.task=sft: the system turn of every prompt (training, evaluation, generate, export);
+    # empty = none, not even the chat template's own default.
+    system_prompt: str = ""
 
 
 @dataclass
@@ -77,9 +82,11 @@ def validate(cfg: Any) -> None:
     one_of("train.optimizer", t.optimizer, ("adam", "adamw"))
     at_least_one({"train.batch_size": t.batch_size, "train.eval_batch_size": t.eval_batch_size,
                   "data.max_length": d.max_length})
-    for key in ("public_size", "private_size", "test_size", "max_labels"):
-        if getattr(d, key) < 0:
-            raise FedtuneError(f"data.{key} must be >= 0")
+    if d.max_labels < 0:
+        raise FedtuneError("data.max_labels must be >= 0")
+    for key in ("public_size", "private_size", "test_size"):
+        if getattr(d, key) < -1:
+            raise FedtuneError(f"data.{key} must be >= 0, or -1 for auto")
     if not 0.0 <= d.public_skew < float("inf"):
         raise FedtuneError(f"data.public_skew must be a finite number >= 0 (0 = no shift); got {d.public_skew}")
     one_of("eval.metric", e.metric, ("auto", "final_number", "rougeL", "none"))

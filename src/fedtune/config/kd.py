@@ -51,7 +51,7 @@ def _validate_directions(cfg: Any) -> None:
     """kd's research directions (docs/kd.md)."""
     kd, d = cfg.kd, cfg.data
     one_of("kd.select", kd.select, ("random", "entropy", "disagreement"))
-    if not 0 <= kd.public_per_round <= d.public_size:
+    if kd.public_per_round < 0 or 0 <= d.public_size < kd.public_per_round:  # auto (-1): checked once resolved
         raise FedtuneError(f"kd.public_per_round must be in [0, data.public_size={d.public_size}] (0 = all); "
                            f"got {kd.public_per_round}")
     if kd.select != "random" and not kd.public_per_round:

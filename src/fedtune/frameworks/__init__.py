@@ -15,9 +15,9 @@ FRAMEWORKS = Registry("framework", {
     # uploads_*: what crosses the network up (weights are what fed.strategy aggregates);
     # per_batch: messages every batch, not every round; split_cut: the model is cut in two;
     # client_ranks / rank_schedule: clients may hold LoRA of different / growing ranks;
-    # continual: runs continual.tasks > 1.
+    # continual: runs continual.tasks > 1; public_rows: reads the public set (data.public_size).
     "fedavg": ("uploads_weights", "client_ranks", "rank_schedule", "continual"),
-    "kd": ("uploads_outputs", "client_ranks", "continual"),
+    "kd": ("uploads_outputs", "public_rows", "client_ranks", "continual"),
     "split": ("uploads_weights", "uploads_outputs", "per_batch", "split_cut", "continual"),
     "zo": ("uploads_seeds",),
 })

@@ -23,3 +23,18 @@ def make(name: str, tokenizer, label_names: list[str], max_length: int, run_cfg=
     task = TASKS.load(name)(tokenizer, label_names, max_length)
     task.run_cfg = run_cfg
     return task
+
+
+def metric_label(record: dict | None = None) -> str:
+    """What a record's test_accuracy measures ("accuracy", "rougeL", "exact match", ...), from the
+    metric keys each task declares (``Task.metric_labels``); "accuracy" with no record."""
+    for name in TASKS.names:
+        for key, label in TASKS.load(name).metric_labels.items():
+            if record and record.get(key) is not None:
+                return label
+    return "accuracy"
+
+
+def short_label(label: str) -> str:
+    """The console's form: "test acc", "test token acc", "test rougeL"."""
+    return label.replace("accuracy", "acc")

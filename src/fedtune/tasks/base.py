@@ -23,19 +23,42 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..data import Batch, Rows
+from ..errors import FedtuneError
 from ..metering import FlopModel
+
+
+def reads_public_rows(framework: str) -> bool:
+    """Whether a framework learns from data.public rows: one whose outputs on them go up (kd).
+    Split's outputs are its private rows' activations at the cut."""
+    from ..frameworks import FRAMEWORKS
+
+    return FRAMEWORKS.has(framework, "public_rows")
 
 
 class Task:
     name: str
     run_cfg = None  # the run's RunConfig (tasks.make sets it): settings a task's evaluation reads
 
+    # What ``test_accuracy`` measures, as console lines, the end table, sweep lines and the adapter
+    # README name it: the label of the first of these keys a server record holds, else "accuracy"
+    # (tasks.metric_label).
+    metric_labels: dict[str, str] = {}
+
     @classmethod
     def load_data(cls, cfg):
-        """The run's rows (data.FedData); tasks with rows of their own kind override it."""
+        """The run's rows (data.FedData); tasks with rows of their own kind override ``read_data``.
+        Auto sizes in ``cfg.data`` become the numbers chosen, so config.toml records them."""
+        fed = cls.read_data(cfg, reads_public_rows(cfg.framework))
+        if cfg.kd.public_per_round > cfg.data.public_size:
+            raise FedtuneError(f"kd.public_per_round must be in [0, data.public_size={cfg.data.public_size}] "
+                               f"(0 = all); got {cfg.kd.public_per_round}")
+        return fed
+
+    @classmethod
+    def read_data(cls, cfg, public_rows: bool):
         from ..data import load
 
-        return load(cfg.data, cfg.fed.clients, cfg.seed)
+        return load(cfg.data, cfg.fed.clients, cfg.seed, public_rows)
 
     def encode(self, rows: Rows) -> list[list[int]]:
         """Token ids of each example (truncated, unpadded)."""

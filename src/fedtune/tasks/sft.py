@@ -16,6 +16,7 @@ assistant header); a response is cut only when it alone does not fit, and both a
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -38,13 +39,121 @@ PLAIN = {"system": "### System:\n{}\n\n", "user": "### Instruction:\n{}\n\n", "a
 PLAIN_ANSWER = "### Response:\n"
 
 
-def format_prompt(tok, turns: Turns) -> list[int]:
-    """Token ids of the conversation up to where the assistant's answer starts."""
+def with_system(turns: Turns, system: str) -> Turns:
+    """``data.system_prompt`` as the first turn, unless the row brings a system turn of its own."""
+    if system and not (turns and turns[0]["role"] == "system"):
+        return [{"role": "system", "content": system}, *turns]
+    return list(turns)
+
+
+def format_prompt(tok, turns: Turns, system: str = "") -> list[int]:
+    """Token ids of the conversation up to where the assistant's answer starts, with ``system``
+    (data.system_prompt) as its system turn; empty = none, the chat template's default removed."""
+    turns = with_system(turns, system)
     if getattr(tok, "chat_template", None):
         text = tok.apply_chat_template(turns, add_generation_prompt=True, tokenize=False)
+        if turns[0]["role"] != "system" and default_system(tok):
+            text = text.replace(default_system(tok), "", 1)
         return tok(text, add_special_tokens=False)["input_ids"]
     text = "".join(PLAIN.get(t["role"], f"### {t['role'].title()}:\n{{}}\n\n").format(t["content"]) for t in turns)
     return tok(text + PLAIN_ANSWER)["input_ids"]
+
+
+def default_system(tok) -> str:
+    """The system turn a chat template writes when a conversation has none (SmolLM2: "You are a
+    helpful AI assistant named SmolLM..."), as text, or "" when it writes none."""
+    return _default_system(tok, tok.chat_template)
+
+
+@functools.lru_cache(maxsize=8)
+def _default_system(tok, template: str) -> str:
+    mark, user = "\x00SYSTEM\x00", [{"role": "user", "content": "hi"}]
+    try:
+        plain = tok.apply_chat_template(user, tokenize=False)
+        head, tail = tok.apply_chat_template([{"role": "system", "content": mark}, *user], tokenize=False).split(mark)
+        alone = tok.apply_chat_template([{"role": "system", "content": mark}], tokenize=False)
+    except Exception:  # a template without system turns raises (of any type): it has no default either
+        return ""
+    if not (plain.startswith(head) and plain.endswith(tail) and len(plain) >= len(head) + len(tail)):
+        return ""
+    opens, closes = alone.split(mark)
+    # What a template writes before every conversation (Llama 3's bos_token) is not the system turn's.
+    lead = tok.bos_token if tok.bos_token and "bos_token" in tok.chat_template and opens.startswith(tok.bos_token) else ""
+    return opens[len(lead):] + plain[len(head) : len(plain) - len(tail)] + closes
+
+
+def chat_template_with_system(tok, system: str) -> str | None:
+    """The tokenizer's chat template rewritten to do what ``format_prompt`` does with ``system``,
+    for a standalone model (``fedtune export``); None when it cannot be (the default then stays)."""
+    template, default = tok.chat_template, default_system(tok)
+    if default:
+        if default not in template:
+            return None
+        template = template.replace(default, "", 1)
+    if system:
+        first = "{%- if messages[0]['role'] != 'system' %}{%- set messages = [{'role': 'system', 'content': "
+        template = f"{first}{json.dumps(system)}}}] + messages %}}{{%- endif %}}{template}"
+    return template
+
+
+def context_size(config) -> int | None:
+    """The most positions a model's config allows (None when it names no limit)."""
+    for key in ("max_position_embeddings", "n_positions", "n_ctx"):
+        value = getattr(config, key, None) if not isinstance(config, dict) else config.get(key)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def fit_context(width: int, max_new: int, positions: int | None) -> tuple[int, int]:
+    """-> (prompt tokens kept, new tokens) so that generation stays within ``positions``: the
+    answer is capped to the room the prompt leaves, but keeps at least half the positions (up to
+    ``max_new``); the prompt then loses its start."""
+    if not positions or width + max_new <= positions:
+        return width, max_new
+    new = max(min(max_new, positions - width), min(max_new, positions // 2))
+    return min(width, positions - new), new
+
+
+_SAID: set[str] = set()
+
+
+def say_once(message: str) -> None:
+    if message not in _SAID:
+        _SAID.add(message)
+        log.warning(message)
+
+
+def context_note(name: str, positions: int, max_new: int, key: str = "eval.max_new_tokens") -> str:
+    return (f"{name} has {positions} positions: answers are capped at {positions} - prompt tokens (at least "
+            f"{min(max_new, positions // 2)}; {key}={max_new}), and longer prompts are cut from the left")
+
+
+def check_context(cfg) -> None:
+    """Before a run: data.max_length must fit the model, and generation's cap is said once."""
+    positions = model_positions(cfg.model.name)
+    if positions is None:
+        return
+    if cfg.data.max_length > positions:
+        raise FedtuneError(f"data.max_length ({cfg.data.max_length}) exceeds the {positions} positions of "
+                           f"{cfg.model.name}; set data.max_length <= {positions}")
+    if cfg.data.max_length + cfg.eval.max_new_tokens > positions and cfg.eval.metric != "none":
+        say_once(context_note(cfg.model.name, positions, cfg.eval.max_new_tokens))
+
+
+def model_positions(name: str) -> int | None:
+    """The model's position limit from its config alone (no weights), None when unreadable."""
+    from .. import models
+
+    try:
+        kind, where = models.resolve(name)
+        if kind == "tiny":
+            return context_size(models.TINY[name])
+        from transformers import AutoConfig
+
+        return context_size(AutoConfig.from_pretrained(where, local_files_only=kind == "dir"))
+    except Exception:  # unreadable here: the run's own checks report the model; generation still caps
+        return None
 
 
 def final_number(text: str) -> str | None:
@@ -60,6 +169,8 @@ def final_number(text: str) -> str | None:
 
 class SftTask(TailTask):
     name = "sft"
+    # eval.metric = none logs no generated metric: test_accuracy is then the token accuracy.
+    metric_labels = {"test_final_number": "exact match", "test_rougeL": "rougeL", "test_token_accuracy": "token accuracy"}
 
     def __init__(self, tokenizer, label_names: list[str], max_length: int):
         self.tok, self.max_length = tokenizer, max_length
@@ -68,9 +179,15 @@ class SftTask(TailTask):
 
     @classmethod
     def load_data(cls, cfg):
+        fed = super().load_data(cfg)
+        check_context(cfg)
+        return fed
+
+    @classmethod
+    def read_data(cls, cfg, public_rows: bool):
         from ..sft_data import load
 
-        return load(cfg.data, cfg.fed.clients, cfg.seed)
+        return load(cfg.data, cfg.fed.clients, cfg.seed, public_rows)
 
     # ---- encoding
     def encode(self, rows: SftRows) -> list[list[int]]:
@@ -78,8 +195,9 @@ class SftTask(TailTask):
         eos, out, labels = self.tok.eos_token_id, [], []
         before = dict(self.truncated)
         self.final_answers &= all("####" in r for r in rows.responses)
+        system = self.run_cfg.data.system_prompt if self.run_cfg else ""
         for turns, response in zip(rows.turns, rows.responses):
-            prompt = format_prompt(self.tok, turns)
+            prompt = format_prompt(self.tok, turns, system)
             answer = self.tok(response, add_special_tokens=False)["input_ids"] + [eos]
             if len(answer) > self.max_length - 1:  # one prompt token must precede the first target
                 answer = answer[: self.max_length - 1]
@@ -120,6 +238,12 @@ class SftTask(TailTask):
     def generate(self, model: nn.Module, prompts: list[list[int]], device, max_new_tokens: int) -> list[str]:
         """Greedy answers to prompt token ids, batched with left padding."""
         model.eval()
+        positions, longest = context_size(model.config), max(len(p) for p in prompts)
+        keep, new = fit_context(longest, max_new_tokens, positions)
+        if (keep, new) != (longest, max_new_tokens):
+            say_once(context_note(self.run_cfg.model.name if self.run_cfg else "the model", positions, max_new_tokens))
+        max_new_tokens = new
+        prompts = [p[len(p) - keep :] if len(p) > keep else p for p in prompts]
         width = max(len(p) for p in prompts)
         pad = self.tok.pad_token_id
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
