@@ -77,8 +77,7 @@ class KDFramework(Framework):
 
     def selection(self, rnd: int) -> torch.Tensor:
         """The public examples round ``rnd`` uses and sends (kd.public_per_round; 0 = all)."""
-        return select_examples(len(self.row_count), self.cfg.kd.public_per_round, self.scores,
-                                          self.cfg.seed, rnd)
+        return select_examples(len(self.row_count), self.cfg.kd.public_per_round, self.scores, self.cfg.seed, rnd)
 
     def full(self, rows: torch.Tensor, sub: torch.Tensor) -> torch.Tensor:
         """A distribution per public row: ``sub`` on ``rows``, uniform (never used) elsewhere."""
