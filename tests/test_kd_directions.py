@@ -16,9 +16,8 @@ from fedtune import data as datalib
 from fedtune.config import DataConfig, KDConfig
 from fedtune.errors import FedtuneError
 from fedtune.frameworks import get
-from fedtune.frameworks import kd_directions as directions
 from fedtune.frameworks.base import Context
-from fedtune.frameworks.kd import decode_outputs, encode_outputs, entropy
+from fedtune.frameworks.kd import alignment, codecs, decode_outputs, encode_outputs, entropy, refiners, selectors
 from fedtune.wire import Message, serialize
 
 SMALL = dict(framework="kd", data__public_size=40, data__test_size=50, kd__client_eval_size=20)
@@ -34,18 +33,18 @@ def framework(tmp_path, **kw):
 
 def test_align_weights_equal_a_hand_computation():
     # Clients hold labels 1:3; the public set 3:1. w = p_clients / p_public = (1/4)/(3/4), (3/4)/(1/4).
-    w = directions.align_weights(torch.tensor([1, 3]), [0, 0, 0, 1])
+    w = alignment.align_weights(torch.tensor([1, 3]), [0, 0, 0, 1])
     assert w.tolist() == pytest.approx([1 / 3, 1 / 3, 1 / 3, 3.0])  # already averages 1
     # A label no client holds is left out; the kept rows are scaled to average 1.
-    w = directions.align_weights(torch.tensor([2, 0, 2]), [0, 1, 1, 2])  # raw 2, 0, 0, 2
+    w = alignment.align_weights(torch.tensor([2, 0, 2]), [0, 1, 1, 2])  # raw 2, 0, 0, 2
     assert w.tolist() == pytest.approx([1.0, 0.0, 0.0, 1.0])
     # The weighted public histogram is the clients' distribution.
     labels = [0, 0, 0, 1, 2, 2]
-    w = directions.align_weights(torch.tensor([5, 3, 2]), labels)
+    w = alignment.align_weights(torch.tensor([5, 3, 2]), labels)
     weighted = torch.zeros(3, dtype=torch.float64).index_add_(0, torch.tensor(labels), w.double())
     assert (weighted / weighted.sum()).tolist() == pytest.approx([0.5, 0.3, 0.2])
-    assert directions.label_histogram([2, 0, 2, 2], 4).tolist() == [1, 0, 3, 0]
-    assert directions.total_variation(torch.tensor([1, 3]), torch.tensor([3, 1])) == pytest.approx(0.5)
+    assert alignment.label_histogram([2, 0, 2, 2], 4).tolist() == [1, 0, 3, 0]
+    assert alignment.total_variation(torch.tensor([1, 3]), torch.tensor([3, 1])) == pytest.approx(0.5)
 
 
 def test_align_clip_truncates_the_weights_and_renormalises_by_hand():
@@ -54,16 +53,16 @@ def test_align_clip_truncates_the_weights_and_renormalises_by_hand():
     raw = [(1 / 4) / (6 / 10), (1 / 4) / (3 / 10), (2 / 4) / (1 / 10)]  # 5/12, 5/6, 5
     mean = (6 * raw[0] + 3 * raw[1] + raw[2]) / 10  # 1.0
     scaled = [r / mean for r in raw]
-    assert directions.align_weights(pooled, labels, 0.0).tolist() == pytest.approx([scaled[0]] * 6 + [scaled[1]] * 3
+    assert alignment.align_weights(pooled, labels, 0.0).tolist() == pytest.approx([scaled[0]] * 6 + [scaled[1]] * 3
                                                                                   + [scaled[2]])
     cut = [min(x, 2.0) for x in scaled]  # only label 2's row is above 2 x the mean
     cut_mean = (6 * cut[0] + 3 * cut[1] + cut[2]) / 10
-    w = directions.align_weights(pooled, labels, 2.0)
+    w = alignment.align_weights(pooled, labels, 2.0)
     assert w.tolist() == pytest.approx([cut[0] / cut_mean] * 6 + [cut[1] / cut_mean] * 3 + [2.0 / cut_mean])
     assert float(w.double().mean()) == pytest.approx(1.0) and w.max() < scaled[2]
     # A clip above every weight changes nothing; rows of a label no client holds stay at 0.
-    assert directions.align_weights(pooled, labels, 10.0).tolist() == directions.align_weights(pooled, labels).tolist()
-    w = directions.align_weights(torch.tensor([0, 1, 3]), labels, 1.5)  # raw 0, 10/12, 30/4 on 4 kept rows
+    assert alignment.align_weights(pooled, labels, 10.0).tolist() == alignment.align_weights(pooled, labels).tolist()
+    w = alignment.align_weights(torch.tensor([0, 1, 3]), labels, 1.5)  # raw 0, 10/12, 30/4 on 4 kept rows
     kept = [(1 / 4) / (3 / 10)] * 3 + [(3 / 4) / (1 / 10)]
     kept = [k / (sum(kept) / 4) for k in kept]
     kept = [min(k, 1.5) for k in kept]
@@ -92,17 +91,17 @@ def test_align_uploads_the_histogram_and_weights_the_server_rows(tmp_path):
     fw = get("kd")(Context.build(cfg))
     records = rundir.metrics.records()
     server = records[-1]
-    pooled = sum(directions.label_histogram(c.labels, 4) for c in fw.ctx.data.clients)
-    public = directions.label_histogram(fw.ctx.data.public.labels, 4)
-    assert server["kd_align_tv"] == pytest.approx(directions.total_variation(pooled, public)) and server["kd_align_tv"] > 0.1
+    pooled = sum(alignment.label_histogram(c.labels, 4) for c in fw.ctx.data.clients)
+    public = alignment.label_histogram(fw.ctx.data.public.labels, 4)
+    assert server["kd_align_tv"] == pytest.approx(alignment.total_variation(pooled, public)) and server["kd_align_tv"] > 0.1
     # The server's weights are the clipped ones (the clip binds on this skew).
     examples = torch.arange(len(fw.ctx.data.public.labels))
     w = fw.align(examples, pooled, {})
-    assert torch.equal(w, torch.repeat_interleave(directions.align_weights(pooled, fw.ctx.data.public.labels, 1.5),
+    assert torch.equal(w, torch.repeat_interleave(alignment.align_weights(pooled, fw.ctx.data.public.labels, 1.5),
                                                   fw.row_count))
-    assert w.max() < directions.align_weights(pooled, fw.ctx.data.public.labels).max()
+    assert w.max() < alignment.align_weights(pooled, fw.ctx.data.public.labels).max()
     for r in records[:-1]:  # the histogram travels in the metered upload
-        hist = directions.label_histogram(fw.ctx.data.clients[r["client"]].labels, 4)
+        hist = alignment.label_histogram(fw.ctx.data.clients[r["client"]].labels, 4)
         assert r["bytes_up"] == len(serialize(Message({"values": torch.zeros(40, 4), "label_hist": hist})))
     # A bad histogram rejects the upload, with the reason.
     good = encode_outputs(torch.randn(40, 4), cfg.kd)
@@ -116,21 +115,21 @@ def test_align_uploads_the_histogram_and_weights_the_server_rows(tmp_path):
 
 
 def test_selection_is_random_first_then_by_score():
-    first = directions.select_examples(10, 4, None, seed=0, rnd=1)
+    first = selectors.select_examples(10, 4, None, seed=0, rnd=1)
     assert len(first) == 4 and first.tolist() == sorted(first.tolist())
-    assert first.tolist() != directions.select_examples(10, 4, None, seed=0, rnd=2).tolist()
+    assert first.tolist() != selectors.select_examples(10, 4, None, seed=0, rnd=2).tolist()
     scores = torch.tensor([0.1, 5.0, 0.2, 4.0, 0.3, 3.0, 0.0, 2.0, 0.4, 0.5], dtype=torch.float64)
-    assert directions.select_examples(10, 4, scores, 0, 3).tolist() == [1, 3, 5, 7]
+    assert selectors.select_examples(10, 4, scores, 0, 3).tolist() == [1, 3, 5, 7]
     # Never scored = the mean of the scored (2.0 here): above 1.0, below 3.0.
     nan = torch.tensor([3.0, 1.0, float("nan"), 1.0], dtype=torch.float64)
-    assert directions.select_examples(4, 2, nan, 0, 3).tolist() == [0, 2]
-    assert directions.select_examples(10, 0, scores, 0, 3).tolist() == list(range(10))
+    assert selectors.select_examples(4, 2, nan, 0, 3).tolist() == [0, 2]
+    assert selectors.select_examples(10, 0, scores, 0, 3).tolist() == list(range(10))
 
 
 def test_disagreement_is_the_jensen_shannon_divergence():
     a, b = torch.tensor([[1.0, 0.0], [0.5, 0.5]]), torch.tensor([[0.0, 1.0], [0.5, 0.5]])
-    assert directions.disagreement([a, b]).tolist() == pytest.approx([math.log(2), 0.0])
-    assert directions.per_example(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([2, 1])).tolist() == [2.0, 5.0]
+    assert selectors.disagreement([a, b]).tolist() == pytest.approx([math.log(2), 0.0])
+    assert selectors.per_example(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([2, 1])).tolist() == [2.0, 5.0]
 
 
 def test_public_per_round_sends_and_computes_only_the_selected_rows(tmp_path):
@@ -187,7 +186,7 @@ def test_full_rank_code_equals_the_dense_outputs_and_error_falls_with_rank():
         cfg = KDConfig(logit_rank=k)
         t = encode_outputs(logits, cfg)
         assert t["coef_values"].shape == (30, k) and t["basis_values"].shape == (k, 12)
-        errors.append(directions.lowrank_error(logits, t))
+        errors.append(codecs.lowrank_error(logits, t))
         assert len(serialize(Message(t))) < 30 * k * 4 + k * 12 * 4 + 200  # the serialized tensors
         if k >= 11:  # a centred row has 11 degrees of freedom: rank 11 is already exact
             assert errors[-1] < 1e-6
@@ -195,7 +194,7 @@ def test_full_rank_code_equals_the_dense_outputs_and_error_falls_with_rank():
     assert errors == sorted(errors, reverse=True) and errors[0] > 0.3
     # int8 codes: the error includes the quantisation.
     t8 = encode_outputs(logits, KDConfig(logit_rank=12, logit_dtype="int8"))
-    assert 0 < directions.lowrank_error(logits, t8) < 0.02
+    assert 0 < codecs.lowrank_error(logits, t8) < 0.02
     with pytest.raises(FedtuneError, match=r"low-rank code has shapes \(30, 4\) and \(4, 12\), expected \(29, k\)"):
         decode_outputs(encode_outputs(logits, KDConfig(logit_rank=4)), KDConfig(logit_rank=4), 29, 12)
 
@@ -218,11 +217,11 @@ def test_clusters_group_identical_clients_and_count_each_cluster_once(tmp_path):
     a = F.softmax(torch.tensor([[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]), -1)
     b = F.softmax(torch.tensor([[0.0, 0.0, 3.0], [1.0, 0.0, 0.0]]), -1)
     c = a + 0.01 * (b - a)  # almost a
-    assert directions.cluster_clients([b, a, a, c], 2) == [0, 1, 1, 1]
-    teacher, assign = directions.cluster_refine([a, a, b], 2)
+    assert refiners.cluster_clients([b, a, a, c], 2) == [0, 1, 1, 1]
+    teacher, assign = refiners.cluster_refine([a, a, b], 2)
     assert assign == [0, 0, 1]
     assert torch.allclose(teacher, (a + b) / 2)  # not (2a + b) / 3
-    assert directions.cluster_refine([a, b], 2)[1] == [0, 1]
+    assert refiners.cluster_refine([a, b], 2)[1] == [0, 1]
     fw = framework(tmp_path, kd__aggregation="cluster", kd__clusters=2)
     x, y = torch.randn(40, 4) * 3, torch.randn(40, 4) * 3
     up = lambda z: (Message(encode_outputs(z, fw.cfg.kd)), {"num_samples": 1})  # noqa: E731

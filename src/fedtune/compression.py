@@ -2,7 +2,8 @@
 scale, and top-k sparsification. Each encoder returns named tensors for a Message, so the
 bytes metered are the bytes of the encoded form; each decoder rebuilds a dense float32 tensor.
 
-Shared by KD (logits) and split learning (activations and their gradients)."""
+Shared by KD (logits; frameworks/kd/codecs.py decodes top-k probabilities into distributions)
+and split learning (activations and their gradients)."""
 
 from __future__ import annotations
 
@@ -60,24 +61,3 @@ def topk_decode_dense(t: dict[str, torch.Tensor], fill: float = 0.0, prefix: str
     index, values, width = topk_indices_values(t, prefix)
     out = torch.full((*index.shape[:-1], width), fill, dtype=torch.float32)
     return out.scatter_(-1, index, values)
-
-
-def topk_decode_distribution(t: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
-    """Top-k *probabilities* -> a full distribution: the kept entries are exact and the
-    remaining mass 1 - sum(kept) is spread evenly over the width - k others (an invented tail)."""
-    index, probs, width = topk_indices_values(t, prefix)
-    k = index.shape[-1]
-    rest = (1.0 - probs.sum(-1, keepdim=True)).clamp_min(0.0) / max(width - k, 1)
-    out = rest.expand(*index.shape[:-1], width).clone()
-    return out.scatter_(-1, index, probs)
-
-
-def topk_decode_buckets(t: dict[str, torch.Tensor], prefix: str = "") -> torch.Tensor:
-    """Top-k *probabilities* -> (..., width + 1): the kept entries at their indices, 0 on the
-    others, and the remaining mass 1 - sum(kept) in one extra last column, the "rest" bucket.
-    Exactly what was sent, with no claim about how the rest is shared out."""
-    index, probs, width = topk_indices_values(t, prefix)
-    out = torch.zeros(*index.shape[:-1], width + 1, dtype=torch.float32)
-    out.scatter_(-1, index, probs)
-    out[..., width] = (1.0 - probs.sum(-1)).clamp_min(0.0)
-    return out
