@@ -17,7 +17,7 @@ from ...data import Batch
 from ...errors import FedtuneError
 from ...privacy import attacks, dp_sgd
 from ...privacy import outputs as privacy_outputs
-from ...strategies import lora
+from ...adapters import lora_state as lora
 from ...training import derive_seed, make_optimizer, seeded, train_pass
 from ...wire import Message
 from ..base import ClientResult, Context, Framework
@@ -48,7 +48,7 @@ class KDFramework(Framework):
         self.init_state = models.get_tunable(ctx.model)
         # model.client_ranks: nothing is aggregated, so a rank is each party's own. The model is
         # built at the largest rank; a rank-r state is held zero-padded, which trains exactly a
-        # rank-r adapter (strategies/lora.py). The server's model has rank model.lora_r.
+        # rank-r adapter (adapters/lora_state.py). The server's model has rank model.lora_r.
         self.shapes = {k: v.shape for k, v in self.init_state.items()}
         self.global_state = self.padded(lora.resize(self.init_state, self.cfg.model.lora_r))
         self.knowledge: dict[str, torch.Tensor] = {}  # what configure sends: the last b6 outputs
