@@ -33,8 +33,8 @@ def test_a_client_trains_only_on_its_task_rows_and_its_replay_memory(tmp_path):
     full = fw.ctx.data.clients[1]
     seen = {}
 
-    def fit(rnd, cid, msg, state, link):
-        seen[rnd] = (list(fw.ctx.data.clients[cid].labels), len(fw.ctx.ids[f"client{cid}"]))
+    def fit(rnd, cid, msg, state, link, rows):  # the rows are handed in; the context is never changed
+        seen[rnd] = (list(rows.labels), len(rows.ids))
         return ClientResult(Message({}), None, {})
 
     fw.fit = fit
@@ -48,7 +48,7 @@ def test_a_client_trains_only_on_its_task_rows_and_its_replay_memory(tmp_path):
     labels, n_ids = seen[2]
     assert sum(y in g1 for y in labels) == sum(y in g1 for y in full.labels)
     assert sum(y in g0 for y in labels) == 3 and n_ids == len(labels)
-    assert fw.ctx.data.clients[1] is full  # the context holds every row again after fit
+    assert fw.ctx.data.clients[1] is full  # the context holds every row
 
 
 def test_forgetting_matrix_equals_a_hand_computation():

@@ -117,39 +117,36 @@ class Continual:
         return rnd == (self.cfg.fed.rounds if t == self.c.tasks - 1 else (t + 1) * self.c.rounds_per_task)
 
     # ---- client side
-    def fit(self, fw, rnd: int, cid: int, msg, state: dict | None, link):
-        """``fw.fit`` on the client's rows of this round's task (and its replay memory); at the
-        task's last round the client then keeps that task's replay rows or Fisher."""
-        ctx, key = fw.ctx, f"client{cid}"
+    def fit(self, fw, rnd: int, msg, state: dict | None, link, rows):
+        """``fw.fit`` on the client's rows (``rows``: all its private rows) of this round's task
+        and its replay memory; at the task's last round the client then keeps that task's
+        replay rows or Fisher."""
+        cid = rows.cid
         state = dict(state or {})
         mine = state.pop(KEY, {"memory": [], "ewc": []})
         t = self.task_of(rnd)
-        full, full_ids = ctx.data.clients[cid], ctx.ids[key]
-        task_rows = rows_in(full.labels, self.groups[t])
-        rows = task_rows + [int(i) for kept in mine["memory"] for i in kept]
-        # The framework's fit reads the client's rows from the context: it sees only these.
-        ctx.data.clients[cid], ctx.ids[key] = full.subset(rows), [full_ids[i] for i in rows]
+        task_rows = rows_in(rows.labels, self.groups[t])
+        fitted = rows.subset(task_rows + [int(i) for kept in mine["memory"] for i in kept])
         self.past = mine["ewc"] if self.c.method == "ewc" else []
         try:
-            result = fw.fit(rnd, cid, msg, state or None, link)
+            result = fw.fit(rnd, cid, msg, state or None, link, rows=fitted)
         finally:
-            ctx.data.clients[cid], ctx.ids[key] = full, full_ids
             self.past = []
-        result.metrics.update(task=t, task_rows=len(task_rows), replay_rows=len(rows) - len(task_rows))
+        result.metrics.update(task=t, task_rows=len(task_rows), replay_rows=len(fitted) - len(task_rows))
         if self.is_task_end(rnd) and t < self.c.tasks - 1:
-            mine = self.close_task(fw, cid, t, task_rows, mine, link, result.metrics)
+            mine = self.close_task(fw, rows, task_rows, t, mine, link, result.metrics)
         result.state = {**(result.state or {}), KEY: mine}
         return result
 
-    def close_task(self, fw, cid: int, t: int, task_rows: list[int], mine: dict, link, metrics: dict) -> dict:
+    def close_task(self, fw, rows: Any, task_rows: list[int], t: int, mine: dict, link, metrics: dict) -> dict:
+        """What the client keeps of task ``t`` (``task_rows``: which of its ``rows`` are that task's)."""
         if self.c.method == "replay":
-            rng = random.Random(derive_seed(self.cfg.seed, "replay", cid, t))
+            rng = random.Random(derive_seed(self.cfg.seed, "replay", rows.cid, t))
             kept = sorted(rng.sample(task_rows, min(self.c.replay_per_task, len(task_rows))))
             return {**mine, "memory": mine["memory"] + [torch.tensor(kept, dtype=torch.long)]}
         if self.c.method == "ewc":
-            ids = [fw.ctx.ids[f"client{cid}"][i] for i in task_rows]
-            labels = [fw.ctx.data.clients[cid].labels[i] for i in task_rows]
-            fisher, anchor, flops = self.fisher(fw, ids, labels, link)
+            task = rows.subset(task_rows)
+            fisher, anchor, flops = self.fisher(fw, task.ids, task.labels, link)
             metrics["client_flops_fisher"] = flops
             metrics["client_flops"] = metrics.get("client_flops", 0) + flops
             return {**mine, "ewc": mine["ewc"] + [{"fisher": fisher, "anchor": anchor}]}

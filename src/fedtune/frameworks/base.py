@@ -2,7 +2,7 @@
 
 A framework never moves bytes itself. The round loop (runtimes/rounds.py) calls, each round:
   server  configure(rnd, cid)            -> Message down to each sampled client
-  client  fit(rnd, cid, msg, state, link) -> ClientResult (Message up + the client's state)
+  client  fit(rnd, cid, msg, state, link, rows) -> ClientResult (Message up + the client's state)
   server  aggregate(rnd, {cid: (Message, metrics)})
   server  evaluate(rnd)                   -> test metrics of the global model
 and, for a framework that talks per batch (``per_batch = True``: split learning), server
@@ -10,7 +10,10 @@ serve(rnd, cid, Message) answers each message a client sends through ``link.exch
 
 What a framework keeps on the server (the global tunable state, a strategy's moments) goes
 into ``state_dict``; what a client keeps between rounds is ``ClientResult.state``. The round
-loop checkpoints both and restores both on ``--resume``, on every runtime.
+loop checkpoints both and restores both on ``--resume``, on every runtime. ``rows`` are the
+private rows the client fits on (``ClientRows``: all of them, or a method's subset such as
+continual learning's task rows); each ``fit`` opens a ``privacy.guard.ClientGuard`` for what
+wraps a client's work (DP-SGD, output noise, a simulated attacker, the accountants' state).
 """
 
 from __future__ import annotations
@@ -62,6 +65,27 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+@dataclass(frozen=True)
+class ClientRows:
+    """The private rows a client fits on in one round: all of them, or the subset a method hands
+    in (continual learning: this task's rows plus the replay memory). ``Batch.index`` counts
+    within these rows."""
+
+    cid: int
+    rows: datalib.Rows
+    ids: list[list[int]]  # token ids, one list per row
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def labels(self) -> list:
+        return self.rows.labels
+
+    def subset(self, idx: list[int]) -> "ClientRows":
+        return ClientRows(self.cid, self.rows.subset(idx), [self.ids[i] for i in idx])
+
+
 @dataclass
 class Context:
     """Everything a framework works with: config, data, the one shared model, its meter."""
@@ -100,11 +124,19 @@ class Context:
             self.ids[key], labels, batch_size, self.tokenizer.pad_token_id, d.padding, d.max_length, shuffle_seed, limit
         )
 
-    def client_batches(self, rnd: int, cid: int, epoch: int = 0, limit: int = 0):
-        """The client's private rows for this round, shuffled by (seed, round, client, epoch)."""
+    def client_rows(self, cid: int) -> ClientRows:
+        """Every private row of client ``cid``."""
+        return ClientRows(cid, self.data.clients[cid], self.ids[f"client{cid}"])
+
+    def client_batches(self, rnd: int, cid: int, epoch: int = 0, limit: int = 0, rows: ClientRows | None = None):
+        """The client's private rows (``rows``, or all of them) for this round, shuffled by
+        (seed, round, client, epoch)."""
+        rows = self.client_rows(cid) if rows is None else rows
         seed = derive_seed(self.cfg.seed, "shuffle", rnd, cid, epoch)
-        labels = attacks.flip_labels(self.cfg, cid, self.data.clients[cid].labels, self.data.num_labels)
-        return self.batches(f"client{cid}", labels, self.cfg.train.batch_size, seed, limit)
+        labels = attacks.flip_labels(self.cfg, cid, rows.labels, self.data.num_labels)
+        d = self.cfg.data
+        return datalib.batches(rows.ids, labels, self.cfg.train.batch_size, self.tokenizer.pad_token_id, d.padding,
+                               d.max_length, seed, limit)
 
     def test_batches(self, limit: int = 0):
         return self.batches("test", self.data.test.labels, self.cfg.train.eval_batch_size, limit=limit)
@@ -169,13 +201,17 @@ class Framework(ABC):
 
     # ---- client side
     def client_fit(self, rnd: int, cid: int, msg: Message, state: dict | None, link: Link | None) -> ClientResult:
-        """``fit``, on this round's task's rows when continual learning is on (continual.py)."""
+        """``fit`` on the client's rows: this round's task's rows when continual learning is on
+        (continual.py), else all of them."""
+        rows = self.ctx.client_rows(cid)
         if self.continual:
-            return self.continual.fit(self, rnd, cid, msg, state, link)
-        return self.fit(rnd, cid, msg, state, link)
+            return self.continual.fit(self, rnd, msg, state, link, rows)
+        return self.fit(rnd, cid, msg, state, link, rows=rows)
 
     @abstractmethod
-    def fit(self, rnd: int, cid: int, msg: Message, state: dict | None, link: Link | None) -> ClientResult: ...
+    def fit(self, rnd: int, cid: int, msg: Message, state: dict | None, link: Link | None,
+            rows: ClientRows | None = None) -> ClientResult:
+        """One client's round on ``rows`` (None: all its private rows)."""
 
     def local_rule(self, msg: Message, state: dict | None) -> tuple[dict[str, torch.Tensor], LocalRule]:
         """A down message -> (its tunable tensors, the rule the client's local steps follow:
@@ -201,13 +237,13 @@ class Framework(ABC):
         return self.ctx.task.flops(self.ctx.flops, batch, True)
 
     def local_train(self, rnd: int, cid: int, limit: int = 0, rule: LocalRule | None = None,
-                    dp=None) -> tuple[float, int]:
+                    dp=None, rows: ClientRows | None = None) -> tuple[float, int]:
         """The client's local epochs on its private rows -> (last epoch's mean loss, FLOPs).
         A fresh optimizer each round: nothing but the tunable weights outlives a round.
         ``dp`` (privacy.dp_sgd.ClientDP): every step is a DP-SGD step."""
         ctx, loss, flops = self.ctx, 0.0, 0
         for epoch in range(self.cfg.train.local_epochs):
-            batches = ctx.client_batches(rnd, cid, epoch, limit)
+            batches = ctx.client_batches(rnd, cid, epoch, limit, rows)
             flop_fn = lambda b: ctx.task.flops(ctx.flops, b, True)  # noqa: E731
             on_grad = rule.on_grad if rule else None
             if dp is None:

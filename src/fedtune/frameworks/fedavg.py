@@ -14,7 +14,7 @@ from .. import models
 from ..adapters import lora_state as lora
 from ..adapters.lora import max_rank
 from ..strategies.base import split_extras, with_extras
-from ..privacy import attacks, dp_sgd
+from ..privacy.guard import ClientGuard
 from ..wire import Message
 from .base import SUMMED, ClientResult, Context, Framework
 
@@ -49,21 +49,20 @@ class FedAvgFramework(Framework):
         tunable = self.strategy.for_client(self.global_state, r)
         return Message(with_extras(tunable, self.strategy.downlink(self.global_state, cid)))
 
-    def fit(self, rnd, cid, msg, state, link):  # a2: local fine-tuning
+    def fit(self, rnd, cid, msg, state, link, rows=None):  # a2: local fine-tuning
+        rows = self.ctx.client_rows(cid) if rows is None else rows
         tunable, rule = self.local_rule(msg, state)
         tensors = lora.apply_merges(self.ctx.model, tunable)
         r = lora.rank(tensors)
         models.set_tunable(self.ctx.model, lora.fit_to(tensors, self.shapes))
-        n = len(self.ctx.data.clients[cid])
-        dp = dp_sgd.for_client(self.cfg, n, state)
-        loss, flops = self.local_train(rnd, cid, rule=rule, dp=dp)
-        metrics = {"train_loss": loss, "client_flops": flops, "num_samples": n,
-                   **attacks.mark(self.cfg, cid), **(dp.record() if dp else {})}
+        guard = ClientGuard(self.cfg, cid, len(rows), state)
+        loss, flops = self.local_train(rnd, cid, rule=rule, dp=guard.dp, rows=rows)
+        metrics = {"train_loss": loss, "client_flops": flops, "num_samples": len(rows), **guard.record()}
         # a3: upload the fine-tuned tunable parameters, the client's own rank only (rewritten if
         # this client is a simulated attacker)
         up = models.get_tunable(self.ctx.model)
-        up = attacks.poison(self.cfg, cid, tensors, lora.resize(up, r) if r else up)
-        return ClientResult(Message(with_extras(up, rule.upload())), dp_sgd.keep(dp, rule.state()), metrics)
+        up = guard.upload(tensors, lora.resize(up, r) if r else up)
+        return ClientResult(Message(with_extras(up, rule.upload())), guard.keep(rule.state()), metrics)
 
     def aggregate(self, rnd, results):  # a4: aggregate into the global parameters
         # the clients' tunable states, without what a strategy sent along (SCAFFOLD's variates)

@@ -191,23 +191,24 @@ class ZOFramework(Framework):
         return self.ctx.model
 
     # ---- client side
-    def local_batches(self, rnd: int, cid: int) -> list:
+    def local_batches(self, rnd: int, cid: int, rows=None) -> list:
         """``zo.steps`` batches, cycling through reshuffled passes over the client's rows;
         with zo.steps = 0, train.local_epochs passes, one step per batch."""
         steps, local_epochs = self.cfg.zo.steps, self.cfg.train.local_epochs
         out, epoch = [], 0
         while (len(out) < steps) if steps else (epoch < local_epochs):
-            out += self.ctx.client_batches(rnd, cid, epoch)
+            out += self.ctx.client_batches(rnd, cid, epoch, rows=rows)
             epoch += 1
         return out[:steps] if steps else out
 
-    def fit(self, rnd, cid, msg, state, link):
+    def fit(self, rnd, cid, msg, state, link, rows=None):
         ctx, zo = self.ctx, self.cfg.zo
+        rows = ctx.client_rows(cid) if rows is None else rows
         start = time.perf_counter()
         replay_flops = self.rebuild(msg.tensors["seed"], msg.tensors["grad"])  # c1
         replay_seconds = time.perf_counter() - start
         pick = random.Random(derive_seed(self.cfg.seed, "zo-pick", rnd, cid))
-        batches = self.local_batches(rnd, cid)
+        batches = self.local_batches(rnd, cid, rows)
         seeds, grads, losses, forward_flops = [], [], [], 0
         ctx.model.eval()  # no dropout: the two evaluations must differ only by the perturbation
         for i, batch in enumerate(batches):  # c2
@@ -224,7 +225,7 @@ class ZOFramework(Framework):
         step_flops = len(batches) * (Z_FLOPS + 6) * self.numel
         metrics = {
             "train_loss": sum(losses) / max(len(losses), 1),
-            "num_samples": len(ctx.data.clients[cid]),
+            "num_samples": len(rows),
             "client_flops": forward_flops + step_flops + replay_flops,
             "client_flops_forward": forward_flops,
             "client_flops_steps": step_flops,

@@ -15,12 +15,12 @@ from ... import data as datalib
 from ... import models
 from ...data import Batch
 from ...errors import FedtuneError
-from ...privacy import attacks, dp_sgd
-from ...privacy import outputs as privacy_outputs
+from ...privacy import dp_sgd
+from ...privacy.guard import ClientGuard
 from ...adapters import lora_state as lora
 from ...training import derive_seed, make_optimizer, seeded, train_pass
 from ...wire import Message
-from ..base import ClientResult, Context, Framework
+from ..base import ClientResult, ClientRows, Context, Framework
 from .alignment import make_alignment
 from .codecs import make_codec
 from .losses import kd_loss, row_weights
@@ -223,12 +223,12 @@ class KDFramework(Framework):
 
     # ---- client side
     def client_steps(self, rnd: int, cid: int, epoch: int, distilling: bool,
-                     examples: torch.Tensor | None = None) -> list[Step]:
+                     examples: torch.Tensor | None = None, rows: ClientRows | None = None) -> list[Step]:
         """One epoch: the private batches, each paired (when distilling) with an equal slice of
         the shuffled public examples (this round's selection; all by default), so the pass covers
         both sets once."""
         ctx = self.ctx
-        private = ctx.client_batches(rnd, cid, epoch)
+        private = ctx.client_batches(rnd, cid, epoch, rows=rows)
         if not distilling:
             return [Step(b) for b in private]
         examples = torch.arange(len(self.row_count)) if examples is None else examples
@@ -237,7 +237,7 @@ class KDFramework(Framework):
         return [Step(b, pb) for b, pb in zip_longest(private, public)]
 
     def client_train(self, rnd: int, cid: int, teacher: torch.Tensor | None,
-                     examples: torch.Tensor | None = None, dp=None) -> dict:
+                     examples: torch.Tensor | None = None, dp=None, rows: ClientRows | None = None) -> dict:
         """b8 + b1: ``train.local_epochs`` mixed passes -> the last epoch's mean CE and KD, and
         the FLOPs of the private and the public rows' forward and backward passes. ``dp``
         (privacy.dp_sgd): each step's CE gradient is DP-SGD's (per-example clip and noise) and
@@ -252,7 +252,7 @@ class KDFramework(Framework):
         rule = self.continual_rule()  # continual.method=ewc
         for epoch in range(cfg.train.local_epochs):
             mixed.new_epoch()
-            steps = self.client_steps(rnd, cid, epoch, teacher is not None, every)
+            steps = self.client_steps(rnd, cid, epoch, teacher is not None, every, rows)
             if dp is None:
                 train_pass(ctx.model, steps, cfg.train, ctx.device, ctx.flops, mixed.loss, on_step=ctx.on_step,
                            flop_fn=mixed.flop, on_grad=rule.on_grad if rule else None)
@@ -270,40 +270,37 @@ class KDFramework(Framework):
         ctx = self.ctx
         return ctx.task.evaluate(ctx.model, ctx.test_batches(limit=self.cfg.kd.client_eval_size), ctx.device)["accuracy"]
 
-    def fit(self, rnd, cid, msg, state, link):
+    def fit(self, rnd, cid, msg, state, link, rows=None):
         ctx, cfg = self.ctx, self.cfg
+        own = ctx.client_rows(cid) if rows is None else rows
         r = self.client_rank(cid)
         models.set_tunable(ctx.model, self.padded(state["tunable"] if state else lora.resize(self.init_state, r)))
         knowledge = {k: v for k, v in msg.tensors.items() if k != "public_ids"}
         examples = msg.tensors["public_ids"].long() if "public_ids" in msg.tensors else torch.arange(len(self.row_count))
-        rows = self.rows_of(examples)
-        teacher = self.full(rows, self.decode(knowledge, len(rows))) if knowledge and cfg.kd.client_kd_weight else None
-        odp = privacy_outputs.for_client(cfg, len(ctx.data.clients[cid]), state)
+        public_rows = self.rows_of(examples)
+        teacher = (self.full(public_rows, self.decode(knowledge, len(public_rows)))
+                   if knowledge and cfg.kd.client_kd_weight else None)
+        guard = ClientGuard(cfg, cid, len(own), state)
         metrics: dict = {}
         if teacher is not None and cfg.kd.client_eval_size:  # so a teacher that hurts shows
             metrics["client_test_accuracy_before"] = self.client_accuracy()
-        dp = dp_sgd.for_client(cfg, len(ctx.data.clients[cid]), state)
-        metrics.update(self.client_train(rnd, cid, teacher, examples, dp))  # b8 + b1
-        if dp:
-            metrics.update(dp.record())
+        metrics.update(self.client_train(rnd, cid, teacher, examples, guard.dp, own))  # b8 + b1
         outputs, public_flops = self.public_outputs(examples)  # b2: this round's public examples only
-        if odp:  # clipped and noised before they leave the client (privacy.output_noise_multiplier)
-            outputs = odp.outputs(outputs)
+        outputs = guard.noise_outputs(outputs)  # clipped and noised before they leave the client
         if cfg.kd.client_eval_size:
             metrics["client_test_accuracy"] = self.client_accuracy()
         metrics.update(
-            num_samples=len(ctx.data.clients[cid]), client_flops_public=public_flops,
-            client_flops=metrics["client_flops_train"] + metrics["client_flops_kd"] + public_flops,
-            **attacks.mark(cfg, cid), **(odp.record() if odp else {}),
+            num_samples=len(own), client_flops_public=public_flops,
+            client_flops=metrics["client_flops_train"] + metrics["client_flops_kd"] + public_flops, **guard.record(),
         )
         # b3: upload the compressed outputs; keep the local model (and the accountant) for the next round
-        kept = privacy_outputs.keep(odp, dp_sgd.keep(dp, {"tunable": lora.resize(models.get_tunable(ctx.model), r)}))
+        kept = guard.keep({"tunable": lora.resize(models.get_tunable(ctx.model), r)})
         up = self.codec.encode(outputs)
         error = self.codec.error(outputs, up)
         if error is not None:
             metrics["logit_rank_error"] = error
         # kd.align's label histogram travels in the metered upload
-        up.update(self.alignment.upload(ctx.data.clients[cid].labels, ctx.data.num_labels))
+        up.update(self.alignment.upload(own.labels, ctx.data.num_labels))
         if cfg.kd.public_per_round:
             metrics["kd_public_examples"] = len(examples)
         return ClientResult(Message(up), kept, metrics)

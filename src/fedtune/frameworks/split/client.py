@@ -16,7 +16,7 @@ import torch
 from ... import models
 from ...data import Batch
 from ...metrics import MB
-from ...privacy import attacks, dp_sgd, outputs
+from ...privacy.guard import ClientGuard
 from ...strategies.base import with_extras
 from ...training import autocast, make_optimizer
 from ...wire import Message, serialize
@@ -31,16 +31,16 @@ class ClientRound:
     """One client's round: what it holds (its part, optimizer, privacy, budget, loss scores)
     and what it has done (FLOPs, steps, the current epoch's losses)."""
 
-    def __init__(self, fw, rnd: int, cid: int, msg: Message, state: dict | None):
-        self.fw, self.rnd, self.cid, self.down = fw, rnd, cid, msg
+    def __init__(self, fw, rnd: int, cid: int, msg: Message, state: dict | None, own):
+        self.fw, self.rnd, self.cid, self.down, self.own = fw, rnd, cid, msg, own
         ctx, train, s = fw.ctx, fw.cfg.train, fw.cfg.split
-        rows = len(ctx.data.clients[cid])
+        rows = len(own)
         self.part = fw.parts[fw.cuts[cid]]
         self.tunable, self.rule = fw.local_rule(msg, state)
         models.set_tunable(self.part.client, self.tunable)  # cc4
         self.optimizer = make_optimizer(self.part.client, train)
-        self.dp = dp_sgd.for_client(fw.cfg, rows, state)
-        self.odp = outputs.for_client(fw.cfg, rows, state)
+        self.guard = ClientGuard(fw.cfg, cid, rows, state)
+        self.dp = self.guard.dp
         self.params = [p for p in self.part.client.parameters() if p.requires_grad]
         self.scores = None  # split.sample=loss: each row's last reported loss (NaN: never sent)
         if s.sample == "loss":
@@ -52,8 +52,8 @@ class ClientRound:
 
     def epoch(self, epoch: int, link) -> None:
         fw, ctx = self.fw, self.fw.ctx
-        batches = (fw.loss_batches(self.rnd, self.cid, epoch, self.scores) if self.scores is not None
-                   else ctx.client_batches(self.rnd, self.cid, epoch, fw.cfg.split.samples_per_round))
+        batches = (fw.loss_batches(self.rnd, self.cid, epoch, self.scores, self.own) if self.scores is not None
+                   else ctx.client_batches(self.rnd, self.cid, epoch, fw.cfg.split.samples_per_round, self.own))
         self.losses = []
         for batch in batches:
             self.train_step(batch.to(ctx.device), link)
@@ -78,7 +78,7 @@ class ClientRound:
         return packed, self.part.full_mask(batch.attention_mask)
 
     def send_activations(self, packed: torch.Tensor, mask: torch.Tensor, batch: Batch) -> Message:  # c2
-        sent = self.odp.activations(packed, mask) if self.odp else packed.detach()
+        sent = self.guard.noise_activations(packed, mask)
         extra = dict(mask=mask.bool(), labels=batch.labels)
         if self.budget:
             return self.budget.message(sent, extra, self.step)
@@ -103,11 +103,9 @@ class ClientRound:
 
     def result(self) -> ClientResult:
         fw, cid = self.fw, self.cid
-        if self.odp:
-            self.odp.account_epochs(fw.cfg.train.local_epochs)
-        up = attacks.poison(fw.cfg, cid, self.tunable, models.get_tunable(self.part.client))
+        self.guard.account_epochs(fw.cfg.train.local_epochs)
+        up = self.guard.upload(self.tunable, models.get_tunable(self.part.client))
         up_msg = Message(with_extras(up, self.rule.upload()))  # cc1
-        dp, odp = self.dp, self.odp
         metrics = {
             "train_loss": sum(self.losses) / max(len(self.losses), 1),
             "client_flops": self.flops,
@@ -118,9 +116,9 @@ class ClientRound:
             "split_layer": self.part.layer,
             **({"modelled_latency_s": round(fw.plan[cid].latency_s, 6)} if fw.plan else {}),
             **(self.budget.record() if self.budget else {}),
-            **attacks.mark(fw.cfg, cid), **(dp.record() if dp else {}), **(odp.record() if odp else {}),
+            **self.guard.record(),
         }
-        kept = outputs.keep(odp, dp_sgd.keep(dp, self.rule.state()))
+        kept = self.guard.keep(self.rule.state())
         if self.scores is not None:
             kept = {**(kept or {}), "split_loss": self.scores}
         return ClientResult(up_msg, kept, metrics)

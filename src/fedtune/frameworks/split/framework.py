@@ -47,7 +47,7 @@ from ...privacy import attacks
 from ...strategies.base import split_extras, weighted_mean
 from ...training import autocast, derive_seed, make_optimizer, seeded
 from ...wire import Message, serialize
-from ..base import Context, Framework
+from ..base import ClientRows, Context, Framework
 from . import codecs, plan
 from .client import LOSS, ClientRound, example_grads
 from .codecs import ACT, GRAD
@@ -199,15 +199,16 @@ class SplitFramework(Framework):
         return {}
 
     # ---- client side
-    def fit(self, rnd, cid, msg, state, link):
+    def fit(self, rnd, cid, msg, state, link, rows=None):
         if link is None:
             raise FedtuneError("split learning needs a runtime that links each client to the server per batch")
-        run = ClientRound(self, rnd, cid, msg, state)
+        run = ClientRound(self, rnd, cid, msg, state, self.ctx.client_rows(cid) if rows is None else rows)
         for epoch in range(self.cfg.train.local_epochs):
             run.epoch(epoch, link)
         return run.result()
 
-    def loss_batches(self, rnd: int, cid: int, epoch: int, scores: torch.Tensor) -> list[Batch]:
+    def loss_batches(self, rnd: int, cid: int, epoch: int, scores: torch.Tensor,
+                     rows: ClientRows | None = None) -> list[Batch]:
         """The client's rows by falling last-reported loss (never-sent rows first, ties in the
         seeded shuffle's order), the first ``samples_per_round`` of them, batched in that order."""
         ctx, d = self.ctx, self.cfg.data
@@ -215,8 +216,9 @@ class SplitFramework(Framework):
         random.Random(derive_seed(self.cfg.seed, "shuffle", rnd, cid, epoch)).shuffle(order)
         order.sort(key=lambda i: -math.inf if math.isnan(scores[i]) else -scores[i].item())
         order = order[: self.cfg.split.samples_per_round or None]
-        ids = ctx.ids[f"client{cid}"]
-        labels = attacks.flip_labels(self.cfg, cid, ctx.data.clients[cid].labels, ctx.data.num_labels)
+        rows = ctx.client_rows(cid) if rows is None else rows
+        ids = rows.ids
+        labels = attacks.flip_labels(self.cfg, cid, rows.labels, ctx.data.num_labels)
         size = self.cfg.train.batch_size
         return [datalib.collate([ids[i] for i in rows], [labels[i] for i in rows], rows, ctx.tokenizer.pad_token_id,
                                 d.padding, d.max_length)
