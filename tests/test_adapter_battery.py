@@ -5,6 +5,8 @@ models:
 
 - bytes counted in the records equal the bytes of the messages serialized (counted by
   test_frameworks' grid), and a weight upload is exactly the serialized tunable state;
+- a run killed mid-round and resumed ends with the same records, under fedavg and (for the
+  ``split_cut`` methods) split, whose client part holds the method;
 - the analytic FLOPs of a training step match torch's FlopCounterMode (test_metering's 5%);
 - what the method's class says matches its traits (``rank``: LoRA factors; ``merge``: export
   folds it into a plain model that computes the same logits)."""
@@ -87,6 +89,23 @@ def test_bytes_counted_equal_the_serialized_messages(tmp_path, peft, framework, 
         # the whole upload is the tunable state: every trainable tensor of the method and the head
         state = models.get_tunable(fw.ctx.model)
         assert {r["bytes_up"] for r in clients} == {len(serialize(Message(state)))}
+
+
+def resume_cases():
+    for peft in ADAPTERS.names:
+        for fw in ("fedavg", "split"):
+            if not FRAMEWORKS.has(fw, "split_cut") or ADAPTERS.has(peft, "split_cut"):
+                yield pytest.param(peft, fw, id=f"{peft}-{fw}")
+
+
+@pytest.mark.parametrize("peft, framework", list(resume_cases()))
+def test_killed_and_resumed_run_ends_with_the_same_records(tmp_path, peft, framework):
+    from test_frameworks import assert_resume_matches
+
+    need(peft)
+    assert_resume_matches(tmp_path, framework=framework, model__peft=peft, model__virtual_tokens=4,
+                          data__private_size=90, data__test_size=40, data__max_length=32, split__split_layer=1,
+                          fed__rounds=2)
 
 
 def flops(name: str, peft: str, train: bool) -> tuple[int, int]:
