@@ -101,6 +101,8 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="aggregate a sweep directory over seeds into figures and report.md")
     rp.add_argument("sweep_dir", help="directory holding run directories (searched recursively)")
     rp.add_argument("--out", help="where to write report.md and the figures (default: SWEEP_DIR)")
+    rp.add_argument("--baseline", default="", metavar="NAME",
+                    help="the entry paired differences are taken against (default: the experiment's, else fedavg)")
     g = sub.add_parser("generate", help="answer prompts with a finished run's model, streaming tokens")
     g.add_argument("run_dir", help="a finished run directory (sft or generate task)")
     g.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
@@ -291,7 +293,7 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    print(f"report: {write_report(args.sweep_dir, args.out)}")
+    print(f"report: {write_report(args.sweep_dir, args.out, args.baseline)}")
     return 0
 
 
