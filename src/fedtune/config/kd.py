@@ -45,6 +45,9 @@ def validate(cfg: Any) -> None:
         raise FedtuneError("kd.temperature must be > 0; kd.logit_topk, kd.server_epochs >= 0")
     one_of("kd.topk_tail", kd.topk_tail, ("bucket", "uniform"))
     one_of("kd.topk_merge", kd.topk_merge, ("bucket", "class"))
+    if kd.topk_merge == "class" and not (kd.logit_topk and kd.topk_tail == "bucket"):
+        raise FedtuneError("kd.topk_merge=class merges top-k uploads in buckets: it needs kd.logit_topk > 0 and "
+                           "kd.topk_tail = \"bucket\"")
     if not 0.0 <= kd.client_kd_weight < 1.0:
         raise FedtuneError(f"kd.client_kd_weight must be in [0, 1) (0 = clients do not distil); got {kd.client_kd_weight}")
     if kd.aggregation == "entropy" and kd.entropy_threshold <= 0:
