@@ -108,6 +108,9 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
     g.add_argument("--file", help="JSONL of prompts: a string, or an object with prompt/question/instruction/messages")
     g.add_argument("--max-new-tokens", type=int, default=256)
+    from .lm_evaluation import add_parser as add_eval
+
+    add_eval(sub)
     e = sub.add_parser("export", help="write a run's model as a standalone Hugging Face model directory")
     e.add_argument("run_dir", help="a finished run directory")
     e.add_argument("--merged", required=True, metavar="OUT", help="directory for the model with the adapter merged in")
@@ -321,7 +324,14 @@ def cmd_config(args) -> int:
     return 0
 
 
-COMMANDS = {"config": cmd_config, "run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "generate": cmd_generate, "export": cmd_export}
+def cmd_eval(args) -> int:
+    from .lm_evaluation import cmd_eval as run_eval
+
+    return run_eval(args)
+
+
+COMMANDS = {"config": cmd_config, "run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "generate": cmd_generate,
+            "export": cmd_export, "eval": cmd_eval}
 
 
 class Stopped(KeyboardInterrupt):
