@@ -22,10 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FedtuneError
+from .lm_eval_tasks import FEDTUNE_FORMAT
 
 TASKS_DIR = Path(__file__).resolve().parent / "lm_eval_tasks"
 SHIPPED = {"gsm8k": "gsm8k_fedtune"}  # the name fedtune eval takes -> the shipped lm-eval task
-FEDTUNE_FORMAT = {"gsm8k_fedtune"}  # tasks whose prompts fedtune formats as the run's metric does
 DEFAULT_DATA = "../shared/data/gsm8k"
 
 

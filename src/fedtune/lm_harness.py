@@ -9,6 +9,7 @@ import torch
 from lm_eval.models.huggingface import HFLM
 
 from .frameworks.base import pick_device
+from .lm_eval_tasks import FEDTUNE_FORMAT
 from .tasks import make as make_task
 from .tasks.sft import format_prompt
 
@@ -28,8 +29,6 @@ class FedtuneLM(HFLM):
         return ids[len(ids) + n - self.cfg.data.max_length :] if len(ids) + n > self.cfg.data.max_length else ids
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from .lm_evaluation import FEDTUNE_FORMAT
-
         mine = [i for i, r in enumerate(requests) if r.task_name in FEDTUNE_FORMAT]
         rest = [i for i, r in enumerate(requests) if r.task_name not in FEDTUNE_FORMAT]
         out: list[str] = [""] * len(requests)

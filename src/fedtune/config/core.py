@@ -75,10 +75,10 @@ class EvalConfig:
     samples: int = 0  # generated answers written per round to <run dir>/samples/round-NNN.jsonl
     generate_size: int = 0  # test rows answered by generation for the metric; 0 = every test row
     max_new_tokens: int = 256  # the longest generated answer, in tokens
-    # The curve: every K rounds on a fixed subset of curve_size test rows (seeded, the same for
-    # every seed; 0 = the whole test set); the last round always on the whole test set.
+    # The curve: the test rows are measured every K rounds (and the validation rows with them); the
+    # last round always, on the whole test set (evalsets.py).
     every: int = 1
-    curve_size: int = 0
+    curve_size: int = 0  # test rows of the curve's rounds: a fixed seeded subset; 0 = the whole test set
 
 
 def validate(cfg: Any) -> None:
