@@ -271,8 +271,8 @@ def public_and_private(pool: Rows, test_texts: set[str], cfg: DataConfig, seed: 
     private_size = cfg.private_size or len(pool) - cfg.public_size - cfg.val_size
     if private_size < 1 or cfg.public_size + private_size + cfg.val_size > len(pool):
         raise FedtuneError(
-            f"data.public_size ({cfg.public_size}) + data.private_size ({private_size}) + data.val_size "
-            f"({cfg.val_size}) exceed the {len(pool)} training rows available"
+            f"data.public_size ({cfg.public_size}) + data.private_size ({private_size}){val_text(cfg)} exceed the "
+            f"{len(pool)} training rows available"
         )
     public = order[: cfg.public_size]
     if cfg.public_skew:  # the public set drawn label-skewed; the private set as before from what is left
@@ -283,6 +283,10 @@ def public_and_private(pool: Rows, test_texts: set[str], cfg: DataConfig, seed: 
     chosen = set(public)
     rest = [i for i in order if i not in chosen]
     return pool.subset(public), pool.subset(rest[len(rest) - private_size :]), pool.subset(rest[: cfg.val_size])
+
+
+def val_text(cfg: DataConfig) -> str:
+    return f" + data.val_size ({cfg.val_size})" if cfg.val_size else ""
 
 
 def skewed_order(order: list[int], labels: list[int], skew: float, seed: int) -> list[int]:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .config import DataConfig
-from .data import TEST_SUBSET_SEED, FedData, Rows, dirichlet_partition, iid_partition, resolve_sizes
+from .data import TEST_SUBSET_SEED, FedData, Rows, dirichlet_partition, iid_partition, resolve_sizes, val_text
 from .errors import FedtuneError
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -249,8 +249,8 @@ def load(cfg: DataConfig, clients: int, seed: int, public_rows: bool = True) -> 
                            f"rows are available in {cfg.path}")
     if private_size < 1 or cfg.public_size + private_size + cfg.val_size > len(order):
         raise FedtuneError(
-            f"data.public_size ({cfg.public_size}) + data.private_size ({cfg.private_size}) + data.val_size "
-            f"({cfg.val_size}) exceed the {len(order)} training rows available in {cfg.path}"
+            f"data.public_size ({cfg.public_size}) + data.private_size ({cfg.private_size}){val_text(cfg)} exceed "
+            f"the {len(order)} training rows available in {cfg.path}"
         )
     public, private = train.subset(order[: cfg.public_size]), train.subset(order[len(order) - private_size :])
     val = train.subset(order[cfg.public_size : cfg.public_size + cfg.val_size])  # between the two: disjoint
