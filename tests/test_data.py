@@ -83,3 +83,27 @@ def test_client_left_without_data_is_an_error():
         datalib.load(DataConfig(public_size=0, private_size=4), clients=5, seed=0)
     with pytest.raises(FedtuneError, match="exceed the 10003 training rows"):
         datalib.load(DataConfig(public_size=6000, private_size=5000), clients=3, seed=0)
+
+
+def test_val_rows_are_held_out_and_leave_the_clients_data_alone():
+    """data.val_size: seeded rows of the training pool, disjoint from public, private and test rows."""
+    base = DataConfig(public_size=500, private_size=900, test_size=400)
+    a = datalib.load(DataConfig(public_size=500, private_size=900, test_size=400, val_size=300), clients=3, seed=1)
+    b = datalib.load(DataConfig(public_size=500, private_size=900, test_size=400, val_size=300), clients=3, seed=1)
+    c = datalib.load(DataConfig(public_size=500, private_size=900, test_size=400, val_size=300), clients=3, seed=2)
+    none = datalib.load(base, clients=3, seed=1)
+    assert len(a.val) == 300 and len(none.val) == 0
+    assert a.val.texts == b.val.texts and a.val.texts != c.val.texts  # seeded
+    val = set(a.val.texts)
+    assert not val & set(a.public.texts) and not val & set(a.test.texts)
+    assert not any(t in val for cl in a.clients for t in cl.texts)
+    assert [cl.texts for cl in a.clients] == [cl.texts for cl in none.clients]  # the clients' data is unchanged
+    assert a.public.texts == none.public.texts
+    with pytest.raises(FedtuneError, match="data.val_size"):
+        datalib.load(DataConfig(public_size=500, private_size=0, test_size=400, val_size=10**5), clients=3, seed=1)
+
+
+def test_auto_sizes_leave_room_for_the_val_rows():
+    cfg = DataConfig(public_size=-1, private_size=-1, test_size=-1, val_size=100)
+    datalib.resolve_sizes(cfg, 1000, None, True, "rows")
+    assert cfg.test_size == 100 and cfg.public_size + cfg.private_size + cfg.val_size + cfg.test_size == 1000

@@ -369,3 +369,52 @@ def test_kd_clients_keep_learning_with_few_rows_per_intent(tmp_path):
 
 def _kw(values: dict) -> dict:
     return {k.replace(".", "__"): v for k, v in values.items()}
+
+
+def _two_clients_top3():
+    """Two clients' distributions over 10 classes at T = 1, each sending its own top 3 (no class in
+    common: client 0 is sure of classes 0-2, client 1 of 3-5)."""
+    logits = torch.tensor([[[3.0, 2.5, 2.0, 1.0, 0.5, 0.0, 0.2, 0.1, 0.0, -0.5]],
+                           [[1.0, 0.5, 0.0, 3.0, 2.5, 2.0, 0.3, 0.0, 0.1, -0.2]]])
+    cfg = KDConfig(logit_topk=3, temperature=1.0)
+    buckets = [decode_outputs(encode_outputs(x, cfg), cfg, 1, 10) for x in logits]
+    return F.softmax(logits, -1), buckets
+
+
+def test_class_merge_with_every_class_sent_is_the_mean_of_the_full_distributions():
+    from fedtune.frameworks.kd.codecs import class_space
+
+    logits = torch.randn(3, 5, 10, generator=torch.Generator().manual_seed(1))
+    cfg = KDConfig(logit_topk=10, temperature=2.0)
+    merged = torch.stack([class_space(decode_outputs(encode_outputs(x, cfg), cfg, 5, 10)) for x in logits]).mean(0)
+    assert torch.allclose(merged, F.softmax(logits / 2.0, -1).mean(0), atol=1e-6)
+
+
+def test_class_merge_puts_less_mass_than_the_bucket_merge_on_classes_nobody_sent():
+    from fedtune.frameworks.kd.codecs import class_space
+
+    full, buckets = _two_clients_top3()
+    sent = (torch.stack(buckets)[..., :-1] > 0).any(0)[0]
+    assert int(sent.sum()) == 6  # 3 of 10 each, no class in common
+    mean_teacher = float(full.mean(0)[0][~sent].sum())
+    bucket = float(torch.stack(buckets).mean(0)[0, -1])  # the merged rest: the student's mass on the 4 unsent
+    for prior in (None, full.mean(0)):  # uniform, or a server whose distribution is the clients' mean
+        merged = torch.stack([class_space(b, prior) for b in buckets]).mean(0)[0]
+        assert float(merged.sum()) == pytest.approx(1.0, abs=1e-6)
+        on_unsent = float(merged[~sent].sum())
+        assert on_unsent < bucket and abs(on_unsent - mean_teacher) < abs(bucket - mean_teacher)
+    # the server's prior decides how the rest is shared: all of it where the prior puts all its mass
+    prior = torch.zeros(1, 10)
+    prior[0, 9] = 1.0
+    assert float(class_space(buckets[0], prior)[0, 9]) == pytest.approx(float(buckets[0][0, -1]))
+
+
+def test_class_merge_runs_and_is_validated(tmp_path):
+    cfg = tiny_config(tmp_path, framework="kd", kd__logit_topk=2, kd__topk_merge="class", kd__client_eval_size=20,
+                      data__test_size=40, data__public_size=40, data__private_size=90)
+    summary, rundir = run_tiny(cfg)
+    assert summary["final_test_accuracy"] is not None
+    server = [r for r in rundir.metrics.records() if r["client"] == "server"]
+    assert server[1]["server_flops"] > server[0]["server_flops"]  # round 2 also runs the server on the rows: its prior
+    with pytest.raises(FedtuneError, match="kd.topk_merge=class"):
+        tiny_config(tmp_path, framework="kd", kd__topk_merge="class")

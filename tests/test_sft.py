@@ -383,3 +383,32 @@ def test_cuda_paths_learn(tmp_path, sft_dir, options):
     summary, rundir = run_tiny(cfg)
     server = [r for r in rundir.metrics.records() if r["client"] == "server"]
     assert server[-1]["test_loss"] < server[0]["test_loss"] - 0.15
+
+
+@pytest.mark.parametrize("sizes", [{}, {"data__test_size": 7, "eval__generate_size": 5}])
+def test_lm_eval_gsm8k_equals_the_runs_own_metric(tmp_path, sft_dir, sizes):
+    """fedtune eval: lm-evaluation-harness on the run's model, offline, on the run's own test rows
+    (its seeded test subset and generate_size included), gives the run's last-round exact match,
+    answer for answer."""
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness is not installed (pip install 'fedtune[eval]')")
+    from fedtune.lm_evaluation import evaluate_run
+
+    cfg = sft_config(tmp_path, sft_dir, fed__rounds=2, eval__samples=12, train__eval_batch_size=5, **sizes)
+    summary, rundir = run_tiny(cfg)
+    report = evaluate_run(rundir.path, ["gsm8k"])
+    got = report["results"]["gsm8k_fedtune"]
+    server = [r for r in rundir.metrics.records() if r["client"] == "server"][-1]
+    samples = [json.loads(x) for x in (rundir.path / "samples/round-002.jsonl").read_text().splitlines()]
+    assert report["answers"]["gsm8k_fedtune"] == [s["answer"] for s in samples]
+    assert got["rows"] == len(samples) == (5 if sizes else 12)
+    assert got["exact_match"] == server["test_final_number"]
+    assert json.loads((rundir.path / "lm_eval.json").read_text())["results"] == report["results"]
+
+
+def test_the_shipped_lm_eval_task_scores_with_fedtunes_rule():
+    from fedtune.lm_eval_tasks.utils import process_results
+
+    doc = {"question": "?", "answer": "3 + 4 = 7.\n#### 1,234"}
+    assert process_results(doc, ["so it is 1234"]) == {"exact_match": 1.0}
+    assert process_results(doc, ["#### 1235"]) == {"exact_match": 0.0}
+    assert process_results(doc, ["no number"]) == {"exact_match": 0.0}

@@ -101,11 +101,16 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="aggregate a sweep directory over seeds into figures and report.md")
     rp.add_argument("sweep_dir", help="directory holding run directories (searched recursively)")
     rp.add_argument("--out", help="where to write report.md and the figures (default: SWEEP_DIR)")
+    rp.add_argument("--baseline", default="", metavar="NAME",
+                    help="the entry paired differences are taken against (default: the experiment's, else fedavg)")
     g = sub.add_parser("generate", help="answer prompts with a finished run's model, streaming tokens")
     g.add_argument("run_dir", help="a finished run directory (sft or generate task)")
     g.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
     g.add_argument("--file", help="JSONL of prompts: a string, or an object with prompt/question/instruction/messages")
     g.add_argument("--max-new-tokens", type=int, default=256)
+    from .lm_evaluation import add_parser as add_eval
+
+    add_eval(sub)
     e = sub.add_parser("export", help="write a run's model as a standalone Hugging Face model directory")
     e.add_argument("run_dir", help="a finished run directory")
     e.add_argument("--merged", required=True, metavar="OUT", help="directory for the model with the adapter merged in")
@@ -291,7 +296,7 @@ def cmd_sweep(args) -> int:
 def cmd_report(args) -> int:
     from .report import write_report
 
-    print(f"report: {write_report(args.sweep_dir, args.out)}")
+    print(f"report: {write_report(args.sweep_dir, args.out, args.baseline)}")
     return 0
 
 
@@ -319,7 +324,14 @@ def cmd_config(args) -> int:
     return 0
 
 
-COMMANDS = {"config": cmd_config, "run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "generate": cmd_generate, "export": cmd_export}
+def cmd_eval(args) -> int:
+    from .lm_evaluation import cmd_eval as run_eval
+
+    return run_eval(args)
+
+
+COMMANDS = {"config": cmd_config, "run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "generate": cmd_generate,
+            "export": cmd_export, "eval": cmd_eval}
 
 
 class Stopped(KeyboardInterrupt):

@@ -185,8 +185,8 @@ class LogProgress(Progress):
 
     def round_done(self, rnd, server):
         parts = [f"round {rnd}/{self.rounds} done"]
-        self.metric = short_label(metric_label(server))
-        if server.get("test_accuracy") is not None:
+        if server.get("test_accuracy") is not None:  # eval.every: a round between has no test metric to name
+            self.metric = short_label(metric_label(server))
             parts.append(f"test {self.metric} {server['test_accuracy']:.2%}")
         if server.get("test_loss") is not None:
             parts.append(f"test loss {server['test_loss']:.3f}")

@@ -10,7 +10,7 @@ import math
 import os
 import random
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ class FedData:
     public: Rows
     clients: list[Rows]
     test: Rows
+    val: Rows = field(default_factory=lambda: Rows([], []))  # data.val_size rows (none by default)
 
     @property
     def num_labels(self) -> int:
@@ -191,9 +192,9 @@ def load(cfg: DataConfig, clients: int, seed: int, public_rows: bool = True) -> 
     test = labelled_test(test_rows, index, test_file, reduced=bool(cfg.max_labels))
     pool = Rows([t for t, l in train_rows if l in index], [index[l] for t, l in train_rows if l in index])
     resolve_sizes(cfg, len(pool), len(test), public_rows, str(root))
-    public, private = public_and_private(pool, set(test.texts), cfg, seed)
+    public, private, val = public_and_private(pool, set(test.texts), cfg, seed)
     shards = partition(private, clients, cfg, seed)
-    return FedData(names, public, [private.subset(s) for s in shards], test_subset(test, cfg.test_size))
+    return FedData(names, public, [private.subset(s) for s in shards], test_subset(test, cfg.test_size), val)
 
 
 def resolve_sizes(cfg: DataConfig, train_rows: int, test_rows: int | None, public_rows: bool, where: str) -> None:
@@ -210,7 +211,7 @@ def resolve_sizes(cfg: DataConfig, train_rows: int, test_rows: int | None, publi
     if test == AUTO:
         test = min(DEFAULT_TEST, test_rows) if test_rows is not None else min(DEFAULT_TEST, max(1, train_rows // 10))
     held = 0 if test_rows is not None else test or max(1, train_rows // 10)
-    pool = max(train_rows - held, 0)
+    pool = max(train_rows - held - cfg.val_size, 0)  # validation rows are never public or private
     public, private = cfg.public_size, cfg.private_size
     want_public = DEFAULT_PUBLIC if public == AUTO else public
     want_private = DEFAULT_PRIVATE if private == AUTO else private or pool - want_public
@@ -252,9 +253,10 @@ def labelled_test(test_rows: list[tuple[str, str]], index: dict[str, int], test_
     return test
 
 
-def public_and_private(pool: Rows, test_texts: set[str], cfg: DataConfig, seed: int) -> tuple[Rows, Rows]:
+def public_and_private(pool: Rows, test_texts: set[str], cfg: DataConfig, seed: int) -> tuple[Rows, Rows, Rows]:
     """The pool shuffled by seed: the public set from its front, the private set from its back, so
-    sweeping public_size never changes the clients' data."""
+    sweeping public_size never changes the clients' data; the validation rows (data.val_size)
+    from the front of what lies between, so they never change the clients' data either."""
     order = list(range(len(pool)))
     random.Random(seed).shuffle(order)
     # Rows whose text is also a test question go to the back (the private end): the public set,
@@ -266,10 +268,10 @@ def public_and_private(pool: Rows, test_texts: set[str], cfg: DataConfig, seed: 
             f"data.public_size ({cfg.public_size}) leaves no private rows: only {len(pool)} training rows "
             f"are available"
         )
-    private_size = cfg.private_size or len(pool) - cfg.public_size
-    if cfg.public_size + private_size > len(pool):
+    private_size = cfg.private_size or len(pool) - cfg.public_size - cfg.val_size
+    if private_size < 1 or cfg.public_size + private_size + cfg.val_size > len(pool):
         raise FedtuneError(
-            f"data.public_size ({cfg.public_size}) + data.private_size ({private_size}) exceed the "
+            f"data.public_size ({cfg.public_size}) + data.private_size ({private_size}){val_text(cfg)} exceed the "
             f"{len(pool)} training rows available"
         )
     public = order[: cfg.public_size]
@@ -280,7 +282,11 @@ def public_and_private(pool: Rows, test_texts: set[str], cfg: DataConfig, seed: 
         public = public[: cfg.public_size]
     chosen = set(public)
     rest = [i for i in order if i not in chosen]
-    return pool.subset(public), pool.subset(rest[len(rest) - private_size :])
+    return pool.subset(public), pool.subset(rest[len(rest) - private_size :]), pool.subset(rest[: cfg.val_size])
+
+
+def val_text(cfg: DataConfig) -> str:
+    return f" + data.val_size ({cfg.val_size})" if cfg.val_size else ""
 
 
 def skewed_order(order: list[int], labels: list[int], skew: float, seed: int) -> list[int]:

@@ -52,6 +52,7 @@ def per_round(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 "round": rnd,
                 "test_accuracy": row.get("test_accuracy"),
                 "test_loss": row.get("test_loss"),
+                "val_accuracy": row.get("val_accuracy"),  # data.val_size rows; None without them
                 "clients": len(clients),
                 "mb_up_per_client": mean("bytes_up") / MB,
                 "mb_down_per_client": mean("bytes_down") / MB,
@@ -84,6 +85,9 @@ def summarize(records: list[dict[str, Any]], extra: dict[str, Any] | None = None
         "round_seconds": avg("round_seconds") if all(r["round_seconds"] is not None for r in rows) else None,
         "total_mb": sum(r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in records if r["client"] != "server") / MB,
     }
+    vals = [r["val_accuracy"] for r in rows if r["val_accuracy"] is not None]
+    if vals:  # data.val_size: what a sweep selects on (docs/sweeps.md)
+        summary.update(final_val_accuracy=rows[-1]["val_accuracy"], best_val_accuracy=max(vals))
     from .continual import summary as continual_summary  # the forgetting matrix of a continual run
 
     summary.update(continual_summary(records))

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .config import DataConfig
-from .data import TEST_SUBSET_SEED, FedData, Rows, dirichlet_partition, iid_partition, resolve_sizes
+from .data import TEST_SUBSET_SEED, FedData, Rows, dirichlet_partition, iid_partition, resolve_sizes, val_text
 from .errors import FedtuneError
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -243,16 +243,17 @@ def load(cfg: DataConfig, clients: int, seed: int, public_rows: bool = True) -> 
     # Training rows whose prompt is also a test prompt go to the private end (as in data.load).
     test_set = set(test.texts)
     order = [i for i in order if train.texts[i] not in test_set] + [i for i in order if train.texts[i] in test_set]
-    private_size = cfg.private_size or len(order) - cfg.public_size
+    private_size = cfg.private_size or len(order) - cfg.public_size - cfg.val_size
     if cfg.public_size >= len(order):
         raise FedtuneError(f"data.public_size ({cfg.public_size}) leaves no private rows: only {len(order)} training "
                            f"rows are available in {cfg.path}")
-    if private_size < 1 or cfg.public_size + private_size > len(order):
+    if private_size < 1 or cfg.public_size + private_size + cfg.val_size > len(order):
         raise FedtuneError(
-            f"data.public_size ({cfg.public_size}) + data.private_size ({cfg.private_size}) exceed the "
-            f"{len(order)} training rows available in {cfg.path}"
+            f"data.public_size ({cfg.public_size}) + data.private_size ({cfg.private_size}){val_text(cfg)} exceed "
+            f"the {len(order)} training rows available in {cfg.path}"
         )
     public, private = train.subset(order[: cfg.public_size]), train.subset(order[len(order) - private_size :])
+    val = train.subset(order[cfg.public_size : cfg.public_size + cfg.val_size])  # between the two: disjoint
     part_rng = random.Random(f"partition-{seed}")
     if cfg.partition == "iid":
         shards = iid_partition(len(private), clients, part_rng)
@@ -269,4 +270,4 @@ def load(cfg: DataConfig, clients: int, seed: int, public_rows: bool = True) -> 
                 f"client {c} was left with no data ({len(private)} private rows over {clients} clients, "
                 f"partition={cfg.partition}); use fewer clients, more data or a larger dirichlet_alpha"
             )
-    return FedData([], public, [private.subset(s) for s in shards], test)
+    return FedData([], public, [private.subset(s) for s in shards], test, val)

@@ -40,6 +40,8 @@ from .rundir import CONFIG, SUMMARY, RunDir
 
 ERROR = "error.txt"
 GRID_KEYS = {"name", "set", "vary", "seeds"}
+SWEEP_KEYS = {"preset", "seeds", "out", "select", "select_round", "baseline"}
+SELECT_KEYS = {"select": ("val",), "select_round": ("final", "best")}
 # Keys that may differ between the saved config of a started point and the experiment
 # without making it a different point (where it lives, how many threads ran it).
 NOT_IDENTITY = {"out", "seeds", "train.threads", "train.device"}
@@ -55,10 +57,32 @@ class Point:
 
 
 @dataclass
+class Design:
+    """What an experiment file's [sweep] says about the report's comparison (report/compare.py)."""
+
+    select: str = ""  # "val": each grid's point is picked on the validation rows
+    select_round: str = "final"  # "final": the last round's validation metric; "best": each run's best round
+    baseline: str = ""  # the entry paired differences are taken against
+    from_file: bool = False  # read from an experiment file (a sweep's points), not made up
+
+
+def check_design(head: dict[str, Any], where: str) -> Design:
+    """[sweep]'s comparison keys, checked."""
+    for key, allowed in SELECT_KEYS.items():
+        if key in head and head[key] not in allowed:
+            raise FedtuneError(f"{where}: [sweep] {key} must be one of {', '.join(map(repr, allowed))}; got {head[key]!r}")
+    if "baseline" in head and not isinstance(head["baseline"], str):
+        raise FedtuneError(f"{where}: [sweep] baseline must be a grid name (a string)")
+    return Design(head.get("select", ""), head.get("select_round", "final"), head.get("baseline", ""), True)
+
+
+@dataclass
 class Experiment:
     path: Path
     out: Path
     points: list[Point]
+    select: str = ""  # "val": the report picks each grid's point on validation (report/compare.py)
+    baseline: str = ""  # the grid the report's paired differences are taken against
 
 
 @dataclass
@@ -109,7 +133,21 @@ def load(path: str | Path, out: str | Path | None = None) -> Experiment:
         if any(p.grid == name for p in points):
             raise FedtuneError(f"{path}: grid {i}: grid name {name!r} is used twice; give each grid its own name")
         points += grid_points(name, fixed, vary, seeds, preset, base, out, f"{path}: grid {i}")
-    return Experiment(path, out, points)
+    design = check_design(head, str(path))
+    check_selection(design, points, str(path))
+    return Experiment(path, out, points, design.select, design.baseline)
+
+
+def check_selection(design: Design, points: list[Point], where: str) -> None:
+    """select = "val" needs validation rows at every point; the baseline must be a grid."""
+    if design.select == "val":
+        bare = sorted({p.grid for p in points if not p.cfg.data.val_size})
+        if bare:
+            raise FedtuneError(f"{where}: select = \"val\" picks on validation rows, but grid(s) {', '.join(bare)} "
+                               "hold none: set data.val_size > 0 (e.g. in [base.data])")
+    grids = {p.grid for p in points}
+    if design.baseline and design.baseline.split(" (")[0] not in grids:
+        raise FedtuneError(f"{where}: baseline {design.baseline!r} is not a grid; grids: {', '.join(sorted(grids))}")
 
 
 def read_experiment(path: Path) -> dict[str, Any]:
@@ -118,9 +156,9 @@ def read_experiment(path: Path) -> dict[str, Any]:
     unknown = set(tree) - {"sweep", "base", "grid"}
     if unknown:
         raise FedtuneError(f"{path}: unknown table(s) {', '.join(sorted(unknown))}; expected sweep, base, grid")
-    bad = set(_table(tree, "sweep", str(path))) - {"preset", "seeds", "out"}
+    bad = set(_table(tree, "sweep", str(path))) - SWEEP_KEYS
     if bad:
-        raise FedtuneError(f"{path}: unknown [sweep] key(s) {', '.join(sorted(bad))}; expected preset, seeds, out")
+        raise FedtuneError(f"{path}: unknown [sweep] key(s) {', '.join(sorted(bad))}; expected {', '.join(sorted(SWEEP_KEYS))}")
     return tree
 
 

@@ -22,6 +22,9 @@ class DataConfig:
     public_size: int = -1
     private_size: int = -1  # 0 = every row not in the public set
     test_size: int = -1  # 0 = the full test set; else a fixed, seeded subset
+    # Validation rows held out of the training pool (seeded by seed), disjoint from the public,
+    # private and test rows; every evaluated round then records val_<metric> (0 = none).
+    val_size: int = 0
     max_length: int = 80  # tokens per row; longer rows are truncated
     padding: str = "dynamic"  # "dynamic" (pad per batch) or "max_length" (always max_length)
     # "iid", "dirichlet" (label skew, dirichlet_alpha) or "length" (train.task=sft: by response length)
@@ -62,7 +65,8 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    """Evaluation of train.task=sft (tasks/sft.py)."""
+    """When and on which test rows the server model is evaluated; the generation settings of
+    train.task=sft (tasks/sft.py)."""
 
     # "auto": final_number when every test response holds a '#### N' final answer (GSM8K), else
     # rougeL; "final_number": exact match of the final number; "rougeL": ROUGE-L F1; "none": no
@@ -71,6 +75,10 @@ class EvalConfig:
     samples: int = 0  # generated answers written per round to <run dir>/samples/round-NNN.jsonl
     generate_size: int = 0  # test rows answered by generation for the metric; 0 = every test row
     max_new_tokens: int = 256  # the longest generated answer, in tokens
+    # The curve: the test rows are measured every K rounds (and the validation rows with them); the
+    # last round always, on the whole test set (evalsets.py).
+    every: int = 1
+    curve_size: int = 0  # test rows of the curve's rounds: a fixed seeded subset; 0 = the whole test set
 
 
 def validate(cfg: Any) -> None:
@@ -90,6 +98,10 @@ def validate(cfg: Any) -> None:
     if not 0.0 <= d.public_skew < float("inf"):
         raise FedtuneError(f"data.public_skew must be a finite number >= 0 (0 = no shift); got {d.public_skew}")
     one_of("eval.metric", e.metric, ("auto", "final_number", "rougeL", "none"))
+    if d.val_size < 0:
+        raise FedtuneError(f"data.val_size must be >= 0 (0 = no validation rows); got {d.val_size}")
+    if e.every < 1 or e.curve_size < 0:
+        raise FedtuneError(f"eval.every must be >= 1 and eval.curve_size >= 0; got {e.every} and {e.curve_size}")
     for key in ("samples", "generate_size"):
         if getattr(e, key) < 0:
             raise FedtuneError(f"eval.{key} must be >= 0")

@@ -30,6 +30,10 @@ class KDConfig:
     # What a receiver of top-k probabilities does with the mass not sent: "bucket" keeps it as one
     # rest bucket in the KL; "uniform" spreads it evenly over the other entries (docs/kd.md).
     topk_tail: str = "bucket"
+    # How the server merges clients' top-k uploads that name different classes: "bucket" averages
+    # the kept entries and the rest buckets as sent; "class" first spreads each client's rest mass
+    # over the classes it did not send, in proportion to the server's own outputs (docs/kd.md).
+    topk_merge: str = "bucket"
     align_clip: float = 2.0  # kd.align: cut each weight at this times the mean, then renormalise; 0 = no cut
 
 
@@ -40,6 +44,10 @@ def validate(cfg: Any) -> None:
     if kd.temperature <= 0 or kd.logit_topk < 0 or kd.server_epochs < 0:
         raise FedtuneError("kd.temperature must be > 0; kd.logit_topk, kd.server_epochs >= 0")
     one_of("kd.topk_tail", kd.topk_tail, ("bucket", "uniform"))
+    one_of("kd.topk_merge", kd.topk_merge, ("bucket", "class"))
+    if kd.topk_merge == "class" and not (kd.logit_topk and kd.topk_tail == "bucket"):
+        raise FedtuneError("kd.topk_merge=class merges top-k uploads in buckets: it needs kd.logit_topk > 0 and "
+                           "kd.topk_tail = \"bucket\"")
     if not 0.0 <= kd.client_kd_weight < 1.0:
         raise FedtuneError(f"kd.client_kd_weight must be in [0, 1) (0 = clients do not distil); got {kd.client_kd_weight}")
     if kd.aggregation == "entropy" and kd.entropy_threshold <= 0:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import continual
+from .. import evalsets
 from .. import data as datalib
 from .. import models
 from .. import inference
@@ -115,6 +116,7 @@ class Context:
             models.enable_gradient_checkpointing(model)
         task = make_task(cfg.train.task, tok, fed.label_names, cfg.data.max_length, cfg)
         ids = {"test": task.encode(fed.test), "public": task.encode(fed.public)}
+        ids["val"] = task.encode(fed.val) if len(fed.val) else []
         ids.update({f"client{c}": task.encode(s) for c, s in enumerate(fed.clients)})
         return cls(cfg, fed, model, tok, device, FlopModel.of(model), ids, task)
 
@@ -138,8 +140,14 @@ class Context:
         return datalib.batches(rows.ids, labels, self.cfg.train.batch_size, self.tokenizer.pad_token_id, d.padding,
                                d.max_length, seed, limit)
 
-    def test_batches(self, limit: int = 0):
-        return self.batches("test", self.data.test.labels, self.cfg.train.eval_batch_size, limit=limit)
+    def test_batches(self, limit: int = 0, key: str = "test", rows: list[int] | None = None):
+        """Batches of the test rows (``key="val"``: the validation rows); ``rows``: only these."""
+        labels = getattr(self.data, key).labels
+        if rows is None:
+            return self.batches(key, labels, self.cfg.train.eval_batch_size, limit=limit)
+        d = self.cfg.data
+        return datalib.batches([self.ids[key][i] for i in rows], [labels[i] for i in rows],
+                               self.cfg.train.eval_batch_size, self.tokenizer.pad_token_id, d.padding, d.max_length)
 
     def public_batches(self, labels: list | None = None):
         labels = labels if labels is not None else self.data.public.labels
@@ -183,18 +191,33 @@ class Framework(ABC):
         return Message(with_extras(self.global_state, self.strategy.downlink(self.global_state, cid)))
 
     def evaluate(self, rnd: int) -> dict[str, float]:
-        with autocast(self.cfg.train, self.ctx.device):
-            ev = dict(self.ctx.task.evaluate(self.global_model(), self.ctx.test_batches(), self.ctx.device))
-        if ev.get("samples") and self.cfg.out:  # generated answers for a person to read (sft)
-            from ..tasks.sft import write_samples
-
-            write_samples(self.cfg.out, rnd, ev["samples"])
-        ev.pop("samples", None)
-        out = {f"test_{k}": v for k, v in ev.items()}
+        """The global model on the test rows of this round's plan (evalsets.py), and on the
+        validation rows when there are any."""
+        n_test = len(self.ctx.data.test)
+        which = evalsets.test_plan(self.cfg, rnd, n_test)
+        out: dict = {}
+        if which:
+            rows = evalsets.curve_rows(n_test, self.cfg.eval.curve_size) if which == "curve" else None
+            out = self.measure(rnd, "test", rows)
+            out.update(test_set=which, test_rows=len(rows) if rows else n_test)
+            if len(self.ctx.data.val):
+                out.update(self.measure(rnd, "val", None))
         if self.continual:  # accuracy on each task's test rows: the forgetting matrix's rows
             with autocast(self.cfg.train, self.ctx.device):
                 out.update(self.continual.evaluate(self, rnd))
         return out
+
+    def measure(self, rnd: int, key: str, rows: list[int] | None) -> dict[str, float]:
+        """The task's metrics of the global model on the ``key`` rows, named ``<key>_<metric>``."""
+        with autocast(self.cfg.train, self.ctx.device):
+            batches = self.ctx.test_batches(key=key, rows=rows)
+            ev = dict(self.ctx.task.evaluate(self.global_model(), batches, self.ctx.device))
+        if ev.get("samples") and self.cfg.out and key == "test":  # generated answers for a person to read (sft)
+            from ..tasks.sft import write_samples
+
+            write_samples(self.cfg.out, rnd, ev["samples"])
+        ev.pop("samples", None)
+        return {f"{key}_{k}": v for k, v in ev.items()}
 
     def serve(self, rnd: int, cid: int, msg: Message) -> Message:
         raise NotImplementedError(f"{self.name} exchanges no messages inside a round")

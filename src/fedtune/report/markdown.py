@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .claims import PAPER_RANK, ROWS, check_claims, ranking
+from .compare import Design, Entry, pct
 from .load import Run, Setting, by_group
 from .names import FRAMEWORKS, TASKS, TITLES, fmt
 
@@ -98,9 +99,46 @@ def _per_setting(settings: list[Setting]) -> list[str]:
     return out
 
 
-def markdown(root: Path, runs: list[Run], settings: list[Setting], figures: list[str]) -> str:
+def comparison(found: list[Entry], base: str, design: Design) -> list[str]:
+    """Mean and 95% interval per entry; paired differences against the baseline, worded by
+    whether their interval excludes zero (report/stats.py)."""
+    if not any(e.interval.n >= 2 for e in found) and not design.select:
+        return []
+    chosen = design.select == "val"
+    out = ["## Statistics over seeds", "",
+           "Each entry's final test figure (the task's metric, in %, on the full test set): mean over seeds and its "
+           "95% confidence interval (Student's t over the seeds; one seed has no interval)."
+           + (f" Each method's hyperparameters were chosen on the validation rows (`select = \"val\"`, "
+              f"`select_round = \"{design.select_round}\"`): the chosen point is named, and test figures played no "
+              "part in the choice." if chosen else ""), ""]
+    header = ["entry", "seeds", "mean", "95% CI"] + (["chosen on validation"] if chosen else [])
+    rows = [[e.name, str(e.interval.n), pct(e.interval.mean), f"{pct(e.interval.low)} to {pct(e.interval.high)}"]
+            + ([e.note] if chosen else []) for e in found]
+    out += [_md_table(header, rows), ""]
+    if not base:
+        return out + ["No baseline named (`baseline = \"NAME\"` in [sweep] or `fedtune report --baseline NAME`): "
+                      "no paired differences.", ""]
+    out += [f"## Paired differences against `{base}`", "",
+            f"Per seed: entry minus `{base}` on the same seed (points of %), then mean and 95% interval over the "
+            "seeds both have. An entry wins (loses) only when the whole interval lies above (below) zero; otherwise "
+            "the seeds show no significant difference.", ""]
+    others = [e for e in found if e.diff is not None]
+    rows = [[e.name, str(e.diff.n), pct(e.diff.mean, True), f"{pct(e.diff.low, True)} to {pct(e.diff.high, True)}",
+             e.conclusion] for e in others]
+    out += [_md_table(["entry", "paired seeds", "mean difference", "95% CI", "conclusion"], rows), ""]
+    for e in others:
+        words = {"wins": f"beats `{base}`", "loses": f"falls short of `{base}`"}.get(
+            e.conclusion, f"shows no significant difference from `{base}`" if e.conclusion.startswith("no") else
+            f"cannot be compared with `{base}` ({e.conclusion})")
+        out.append(f"- **{e.name}** {words}: {pct(e.diff.mean, True)} points "
+                   f"(95% CI {pct(e.diff.low, True)} to {pct(e.diff.high, True)}, {e.diff.n} paired seeds).")
+    return out + [""]
+
+
+def markdown(root: Path, runs: list[Run], settings: list[Setting], figures: list[str],
+             compared: list[str] | None = None) -> str:
     table = ranking(settings)
-    out = _head(root, runs) + _ranking(table, settings) + _agreement(table)
+    out = _head(root, runs) + (compared or []) + _ranking(table, settings) + _agreement(table)
     out += ["## Figures", ""]
     out += [f"![{name}]({name})" for name in figures] + [""]
     out += _per_setting(settings)

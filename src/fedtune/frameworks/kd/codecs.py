@@ -47,6 +47,22 @@ def topk_decode_buckets(t: dict[str, torch.Tensor], prefix: str = "") -> torch.T
 
 TAILS = {"bucket": topk_decode_buckets, "uniform": topk_decode_distribution}
 
+
+def class_space(buckets: torch.Tensor, prior: torch.Tensor | None = None) -> torch.Tensor:
+    """A top-k upload in buckets (..., width + 1) -> a distribution over the width classes
+    (``kd.topk_merge = "class"``): the rest bucket is spread over the classes this sender did not
+    send, in proportion to ``prior`` (the server's own distribution on the row; uniform when None).
+    Averaging these is averaging in class space: a class one client sent keeps the other clients'
+    share of it, where a bucket-by-bucket mean would count that share as mass on classes nobody
+    sent (docs/kd.md)."""
+    kept, rest = buckets[..., :-1].double(), buckets[..., -1:].double()
+    unsent = (kept == 0).double()
+    weight = unsent * (prior.double() if prior is not None else 1.0)
+    # a prior with no mass on the unsent classes says nothing about them: uniform over them then
+    total = weight.sum(-1, keepdim=True)
+    weight = torch.where(total > 0, weight / total.clamp_min(1e-300), unsent / unsent.sum(-1, keepdim=True).clamp_min(1))
+    return (kept + rest * weight).float()
+
 # --------------------------------------------------------------------------- low-rank logits
 
 

@@ -22,7 +22,7 @@ from ...training import derive_seed, make_optimizer, seeded, train_pass
 from ...wire import Message
 from ..base import ClientResult, ClientRows, Context, Framework
 from .alignment import make_alignment
-from .codecs import make_codec
+from .codecs import class_space, make_codec
 from .losses import kd_loss, row_weights
 from .mixed import MixedPass, Step
 from .refiners import REFINERS
@@ -52,6 +52,7 @@ class KDFramework(Framework):
         self.shapes = {k: v.shape for k, v in self.init_state.items()}
         self.global_state = self.padded(lora.resize(self.init_state, self.cfg.model.lora_r))
         self.knowledge: dict[str, torch.Tensor] = {}  # what configure sends: the last b6 outputs
+        self.prior_flops = 0  # kd.topk_merge = "class": this round's forward pass for merge_prior
         self.scores: torch.Tensor | None = None  # kd.select's score per public example (none yet: random)
         kd = self.cfg.kd
         self.codec, self.refiner = make_codec(kd), REFINERS[kd.aggregation]
@@ -153,10 +154,14 @@ class KDFramework(Framework):
         usable ones, {client: why} of the rejected ones)."""
         got: dict[str, list] = {"probs": [], "weights": [], "hists": [], "cids": []}
         rejected = {}
+        merge = self.cfg.kd.topk_merge == "class" and self.cfg.kd.logit_topk
+        prior = self.merge_prior(rnd) if merge else None
         for cid in sorted(results):
             msg, metrics = results[cid]
             try:
                 p = self.decode(msg.tensors, rows)
+                if merge and p.shape[-1] == self.width + 1:  # kd.topk_merge = "class"
+                    p = class_space(p, prior)
                 hist = self.alignment.read(msg.tensors, self.ctx.data.num_labels)
             except FedtuneError as exc:
                 rejected[str(cid)] = str(exc)
@@ -168,10 +173,21 @@ class KDFramework(Framework):
             got["weights"].append(float(metrics.get("num_samples", 1)))
         return got, rejected
 
+    def merge_prior(self, rnd: int) -> torch.Tensor | None:
+        """kd.topk_merge = "class": the server model's distribution (at T) on this round's rows, by
+        which each client's rest mass is spread; None (uniform) in round 1, where the untrained
+        model's says nothing. Its forward pass counts in the round's server FLOPs."""
+        if rnd == 1:
+            return None
+        models.set_tunable(self.ctx.model, self.global_state)
+        outputs, self.prior_flops = self.public_outputs(self.selection(rnd))
+        return torch.softmax(outputs / self.cfg.kd.temperature, dim=-1)
+
     def aggregate(self, rnd, results):
         cfg, ctx = self.cfg, self.ctx
         examples = self.selection(rnd)  # the public examples this round's uploads cover
         rows = self.rows_of(examples)
+        self.prior_flops = 0
         got, rejected = self.uploads(rnd, results, len(rows))
         record = {"rejected": rejected} if rejected else {}
         if not got["probs"]:  # nothing usable: the global model stays as it was
@@ -195,7 +211,7 @@ class KDFramework(Framework):
         out_flops = self.next_knowledge(rnd, record)
         return {**record, "server_kd_loss": loss, "kd_rows": self.rows, "kd_rows_kept": int(keep.sum()),
                 "server_kd_confidence": float(weight[keep].mean()) if keep.any() else 0.0,
-                "server_flops": distil_flops + out_flops}
+                "server_flops": distil_flops + out_flops + self.prior_flops}
 
     def next_knowledge(self, rnd: int, record: dict) -> int:
         """b6: the global model's outputs on all public rows, when the clients distil them or the
