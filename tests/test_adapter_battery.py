@@ -17,7 +17,6 @@ import functools
 
 import pytest
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from conftest import tiny_config
 from fedtune import models
@@ -26,12 +25,12 @@ from fedtune.config import ModelConfig
 from fedtune.console import Progress
 from fedtune.frameworks import FRAMEWORKS, get
 from fedtune.frameworks.base import Context
-from fedtune.metering import FlopModel
 from fedtune.rundir import RunDir
 from fedtune.runtimes.rounds import run_rounds
 from fedtune.strategies import STRATEGIES
 from fedtune.wire import Message, serialize
 from test_frameworks import CountingGrid
+from test_metering import measure_flops
 
 RANKS = [1, 2, 4]  # one per client (the tiny config has three)
 
@@ -110,16 +109,8 @@ def test_killed_and_resumed_run_ends_with_the_same_records(tmp_path, peft, frame
 
 def flops(name: str, peft: str, train: bool) -> tuple[int, int]:
     """-> (measured, analytic) FLOPs of one batch, forward (and backward if train)."""
-    model, _ = models.build(ModelConfig(name=name, peft=peft, virtual_tokens=6, attn_implementation="eager",
-                                        lora_dropout=0.0), 77, seed=0)
-    model.train(train)
-    batch, length = 8, 37
-    ids = torch.randint(3, 1000, (batch, length))
-    with FlopCounterMode(display=False) as counter:
-        out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=torch.zeros(batch, dtype=torch.long))
-        if train:
-            out.loss.backward()
-    return counter.get_total_flops(), FlopModel.of(model).count(batch, length, train=train)
+    return measure_flops(dict(name=name, peft=peft, virtual_tokens=6, attn_implementation="eager", lora_dropout=0.0),
+                         train)
 
 
 @pytest.mark.parametrize("name", ["tiny-gpt2", "tiny-bert"])
