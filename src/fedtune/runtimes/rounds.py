@@ -72,6 +72,12 @@ class Grid(ABC):
 
 
 def sample_clients(cfg, rnd: int) -> list[int]:
+    """The round's clients: a seeded subset of round(fraction x clients); under
+    privacy.central_dp each client joins independently with probability fed.fraction (the
+    Poisson participation DP-FedAvg's accountant counts; the round may have no client)."""
+    if cfg.privacy.central_dp:
+        rng = random.Random(derive_seed(cfg.seed, "participate", rnd))
+        return [cid for cid in range(cfg.fed.clients) if rng.random() < cfg.fed.fraction]
     k = max(1, round(cfg.fed.fraction * cfg.fed.clients))
     if k >= cfg.fed.clients:
         return list(range(cfg.fed.clients))
@@ -90,6 +96,9 @@ def run_rounds(fw: Framework, grid: Grid, rundir: RunDir, progress: Progress | N
         for rnd in range(first, cfg.fed.rounds + 1):
             started = time.perf_counter()
             sampled = sample_clients(cfg, rnd)
+            if not sampled:  # Poisson participation drew no client: nothing to train or aggregate
+                progress.round_done(rnd, skip_round(fw, rundir, rnd, states))
+                continue
             blobs = {cid: serialize(fw.configure(rnd, cid)) for cid in sampled}
             uploads: dict[int, tuple[bytes, dict]] = {}
 
@@ -185,6 +194,15 @@ def close_round(fw: Framework, rundir: RunDir, rnd: int, uploads: dict[int, tupl
         **(summed.record if summed else {}),
         **(extra or {}),
     }
+    rundir.metrics.append(record)
+    rundir.save_checkpoint(rnd, {"framework": fw.state_dict(), "client_states": client_states})
+    return record
+
+
+def skip_round(fw: Framework, rundir: RunDir, rnd: int, client_states: dict) -> dict[str, Any]:
+    """Log and checkpoint a round no client joined (the model as it was); central DP still counts it."""
+    record = {"round": rnd, "framework": fw.cfg.framework, "client": "server", **fw.evaluate(rnd), "clients": [],
+              "skipped": "no client joined", **(fw.central_dp.skip() if fw.central_dp else {})}
     rundir.metrics.append(record)
     rundir.save_checkpoint(rnd, {"framework": fw.state_dict(), "client_states": client_states})
     return record
