@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 grad_of = grad  # vmap_cut_grads has an argument named grad
 
@@ -47,14 +48,16 @@ def explicit_masks():
     try:
         from transformers import masking_utils
     except ImportError:
-        yield
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
         return
     names = [n for n in ("_ignore_causal_mask_sdpa", "_ignore_bidirectional_mask_sdpa") if hasattr(masking_utils, n)]
     skips = {n: getattr(masking_utils, n) for n in names}
     for n in names:
         setattr(masking_utils, n, lambda *args, **kwargs: False)
-    try:
-        yield
+    try:  # the math kernel is plain tensor ops, which vmap batches (the fused kernels it runs one by one)
+        with sdpa_kernel([SDPBackend.MATH]):
+            yield
     finally:
         for n, f in skips.items():
             setattr(masking_utils, n, f)
