@@ -36,7 +36,7 @@ from .. import strategies
 from ..strategies.base import LocalRule, LocalRules, split_extras, with_extras
 from ..strategies.prox import Proximal
 from ..metering import FlopModel
-from ..privacy import attacks, central_dp, dp_sgd, sampling
+from ..privacy import attacks, canaries, central_dp, dp_sgd, sampling
 from ..wire import Message
 from ..training import StepFn, autocast, derive_seed, train_pass
 
@@ -105,6 +105,8 @@ class Context:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         fed = TASKS.load(cfg.train.task).load_data(cfg)
+        if cfg.privacy.audit:  # canaries among the private rows, for the privacy audit
+            fed = canaries.plant(cfg, fed)
         model, tok = models.build(cfg.model, fed.num_labels, cfg.seed, cfg.train.task)
         if cfg.model.init_from:  # every framework takes its initial global state from the model
             inference.warm_start(model, cfg, fed.label_names)

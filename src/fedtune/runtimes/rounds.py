@@ -227,4 +227,10 @@ def finish(fw: Framework, rundir: RunDir, wall_seconds: float) -> dict[str, Any]
          "seed": fw.cfg.seed, "wall_seconds": wall_seconds}
     )
     rundir.write_adapter_readme(fw.cfg, summary)
+    if fw.cfg.privacy.audit:  # canaries were planted: the audit's lower bound beside the accountant's epsilon
+        from ..privacy import audit
+
+        ctx = fw.ctx
+        audit.write(rundir.path, audit.measure(fw.cfg, fw.global_model(), ctx.task, ctx.tokenizer, ctx.device,
+                                               ctx.data, rundir.metrics.records()))
     return summary
