@@ -122,7 +122,8 @@ def measure(cfg, model, task, tok, device, fed, records: list[dict]) -> dict:
     """The accountant's epsilon, the one-run audit's lower bound (when canaries were planted) and
     the membership-inference AUC of the trained ``model``."""
     acct = accountant_epsilon(records)
-    delta = acct["accountant_delta"] or default_delta(sum(len(c) for c in fed.clients))
+    # a run without DP has no delta of its own: the usual 1e-5, or 1/(10 rows) when smaller
+    delta = acct["accountant_delta"] or min(1e-5, default_delta(sum(len(c) for c in fed.clients)))
     out = {**acct, "audit_delta": delta, "audit_epsilon": None}
     cans = canarylib.make(cfg, fed.num_labels) if cfg.privacy.audit else []
     if cans:
