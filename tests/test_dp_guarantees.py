@@ -229,6 +229,8 @@ def test_audit_stays_below_the_accountant_under_dp(tmp_path):
     ({"privacy__audit_canaries": 3}, "privacy.audit_canaries must be an even number"),
     ({"privacy__dp_sgd": True, "framework": "split", "split__sample": "loss", "split__samples_per_round": 8},
      "privacy.sampler=poisson draws each step's rows at random"),
+    ({"privacy__dp_sgd": True, "framework": "zo"}, "zo takes zeroth-order steps"),
+    ({"privacy__audit": True, "train__task": "sft"}, "privacy.audit plants labelled canaries"),
 ])
 def test_bad_new_privacy_values_are_one_line_errors(overrides, message):
     with pytest.raises(FedtuneError, match=message) as err:
