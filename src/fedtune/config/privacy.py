@@ -15,7 +15,7 @@ SECAGG_MODULUS = 2**32  # SecAgg+'s mask range (Flower's default and maximum): s
 @dataclass
 class PrivacyConfig:
     """Differential privacy (docs/privacy.md). delta 0 = 1/(10 n): n = a client's records for
-    DP-SGD, the number of clients for central DP."""
+    DP-SGD, the number of clients for central DP (output noise: 1/n, n = the client's records)."""
 
     dp_sgd: bool = False  # record-level DP-SGD in every client's local training
     # DP-SGD's batches: "poisson" (each record joins each step with probability batch/n, what the
@@ -24,7 +24,7 @@ class PrivacyConfig:
     per_example: str = "vmap"  # DP-SGD's per-example gradients: "vmap" (torch.func, one pass) or "loop"
     accountant: str = "rdp"  # "rdp" or "prv" (Opacus's; prv is tighter)
     audit: bool = False  # plant canaries in the clients' rows; `fedtune audit RUN_DIR` measures them
-    audit_canaries: int = 100  # canaries over all clients, half of them trained on (privacy.audit)
+    audit_canaries: int = 100  # canaries over all clients, each planted or held out by a fair coin (privacy.audit)
     clip: float = 1.0  # per-example gradient L2 bound
     noise_multiplier: float = 1.0  # noise std / clip; ignored when target_epsilon > 0
     target_epsilon: float = 0.0  # > 0: calibrate the noise so the run ends at this epsilon

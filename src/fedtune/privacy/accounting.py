@@ -29,14 +29,10 @@ class Accountant:
         if state:
             self.impl.load_state_dict(state)
 
-    @property
-    def rdp(self):  # the history's holder, under the name the accountant's users read
-        return self.impl
-
     def step(self, noise_multiplier: float, sample_rate: float, steps: int = 1) -> None:
         hist = self.impl.history
         if hist and hist[-1][:2] == (noise_multiplier, sample_rate):
-            hist[-1] = (noise_multiplier, sample_rate, hist[-1][2] + steps)  # as Opacus's step merges
+            hist[-1] = (noise_multiplier, sample_rate, hist[-1][2] + steps)  # Opacus's own merge, without a loop
         else:
             hist.append((noise_multiplier, sample_rate, steps))
 
