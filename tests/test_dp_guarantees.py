@@ -148,10 +148,14 @@ def test_shuffle_sampler_says_what_its_epsilon_assumes(tmp_path):
     assert rec["dp_steps"] == 2 * math.ceil(20 / 8)
 
 
-def test_prv_accountant_and_poisson_batches_resume_exactly(tmp_path):
+def test_prv_accountant_poisson_batches_and_canaries_resume_exactly(tmp_path):
     a = assert_resume_matches(tmp_path, privacy__dp_sgd=True, privacy__accountant="prv", fed__rounds=3,
-                              data__private_size=48, data__test_size=16, train__batch_size=8)
-    assert [r for r in a if r["client"] == 0][-1]["dp_steps"] == 3 * 2
+                              privacy__audit=True, privacy__audit_canaries=6, data__private_size=48,
+                              data__test_size=16, train__batch_size=8)
+    last = [r for r in a if r["client"] == 0][-1]
+    assert last["accountant"] == "prv" and last["dp_steps"] == 3 * round(last["num_samples"] / 8)
+    whole, resumed = (json.loads((tmp_path / d / "run" / audit.AUDIT).read_text()) for d in ("a", "b"))
+    assert whole == resumed
 
 
 def test_central_dp_participation_is_poisson_at_the_fraction():
