@@ -72,6 +72,7 @@ def test_accountant_matches_the_reference_rdp_analysis():
 def test_no_noise_and_infinite_clip_is_plain_training(ctx):
     cfg = RunConfig()
     cfg.privacy.dp_sgd, cfg.privacy.noise_multiplier, cfg.privacy.clip = True, 0.0, math.inf
+    cfg.privacy.sampler = "shuffle"  # the batches below are shuffled slices: each divided by its own size
     start = models.get_tunable(ctx.model)
     batches = ctx.client_batches(1, 0)
     train_pass(ctx.model, batches, ctx.cfg.train, ctx.device, ctx.flops, ctx.task.loss)
@@ -97,9 +98,11 @@ def test_target_epsilon_calibrates_the_noise():
     cfg = tiny_config(None, privacy__dp_sgd=True, privacy__target_epsilon=2.0)
     dp = dp_sgd.ClientDP(cfg, 100)
     steps = dp_sgd.planned_steps(cfg, 100)
-    assert steps == 2 * math.ceil(100 / 16)
+    assert steps == 2 * round(100 / 16)  # Poisson: round(1/q) steps an epoch
     dp.accountant.step(dp.noise_multiplier, dp.sample_rate, steps)
-    assert dp.accountant.epsilon(dp.delta) == pytest.approx(2.0, rel=0.02) and dp.delta == 1 / 100
+    assert dp.accountant.epsilon(dp.delta) == pytest.approx(2.0, rel=0.02) and dp.delta == 1 / (10 * 100)
+    shuffle = tiny_config(None, privacy__dp_sgd=True, privacy__target_epsilon=2.0, privacy__sampler="shuffle")
+    assert dp_sgd.planned_steps(shuffle, 100) == 2 * math.ceil(100 / 16)
     kd = tiny_config(None, framework="kd", privacy__dp_sgd=True, privacy__target_epsilon=2.0)
     assert dp_sgd.planned_steps(kd, 100) == steps  # kd's public rows ride in the private steps
     assert dp_sgd.ClientDP(kd, 100).noise_multiplier == pytest.approx(dp.noise_multiplier)
@@ -131,7 +134,7 @@ def test_central_dp_clips_each_update_and_noises_the_sum():
     [(out, _)], _ = dp.privatize(current, [(current, 1.0)] * 4)
     assert out["w"].std().item() == pytest.approx(0.5 * 2.0 / 4, rel=0.05)  # std sigma * clip / clients
     _, record = dp.privatize(current, [(current, 1.0)] * 4)
-    assert record["delta"] == 1 / 4 and dp.accountant.steps == 2 and 0 < record["epsilon"] < math.inf
+    assert record["delta"] == 1 / 40 and dp.accountant.steps == 2 and 0 < record["epsilon"] < math.inf
 
 
 @pytest.mark.parametrize("framework", ["fedavg", "kd", "split"])
@@ -142,12 +145,13 @@ def test_every_framework_reports_a_growing_epsilon(tmp_path, framework):
     _, rundir = run_tiny(cfg)
     by_client = [r for r in records(rundir) if r["client"] == 0]
     assert [r["round"] for r in by_client] == [1, 2]
-    assert 0 < by_client[0]["epsilon"] < by_client[1]["epsilon"] < math.inf and by_client[0]["delta"] == 1 / 20
-    steps = 2 * math.ceil(20 / 8)  # kd too: its public rows ride in the private steps and are not counted
+    assert 0 < by_client[0]["epsilon"] < by_client[1]["epsilon"] < math.inf and by_client[0]["delta"] == 1 / 200
+    steps = 2 * round(20 / 8)  # kd too: its public rows ride in the private steps and are not counted
     assert by_client[1]["dp_steps"] == steps
     reference = Accountant()
     reference.step(1.3, 8 / 20, steps)  # q = batch / client rows
-    assert by_client[1]["epsilon"] == pytest.approx(reference.epsilon(1 / 20), rel=1e-12)
+    assert by_client[1]["epsilon"] == pytest.approx(reference.epsilon(1 / 200), rel=1e-12)
+    assert by_client[1]["sample_rate"] == 8 / 20 and by_client[1]["accountant"] == "rdp"
     if framework == "kd":  # round 2 distilled under DP-SGD (kd.client_kd_weight = 0.5 by default)
         assert by_client[1]["client_kd_loss"] > 0 and by_client[1]["client_flops_kd"] > 0
 
@@ -238,6 +242,7 @@ def kd_dp(clip, noise):
     cfg = RunConfig()
     cfg.framework, cfg.train.batch_size = "kd", 8
     cfg.privacy.dp_sgd, cfg.privacy.noise_multiplier, cfg.privacy.clip = True, noise, clip
+    cfg.privacy.sampler = "shuffle"  # the fixture's batches are shuffled slices: each divided by its own size
     return dp_sgd.ClientDP(cfg, 20)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import signal
@@ -114,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a run's model as a standalone Hugging Face model directory")
     e.add_argument("run_dir", help="a finished run directory")
     e.add_argument("--merged", required=True, metavar="OUT", help="directory for the model with the adapter merged in")
+    a = sub.add_parser("audit", help="a run's privacy audit: the accountant's epsilon beside a measured lower bound")
+    a.add_argument("run_dir", help="a finished run directory (with privacy.audit = true for the canary bound)")
     c = sub.add_parser("config", help="list every config key (for --set and config files) with its default")
     c.add_argument("--list", action="store_true", help="every key, its default and one line of help (the default)")
     return p
@@ -317,6 +320,15 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_audit(args) -> int:
+    from .privacy.audit import AUDIT, audit_dir
+
+    result = audit_dir(args.run_dir)
+    print(json.dumps(result, indent=2, default=str))
+    print(f"wrote {Path(args.run_dir) / AUDIT}", file=sys.stderr)
+    return 0
+
+
 def cmd_config(args) -> int:
     from .config_help import listing
 
@@ -331,7 +343,7 @@ def cmd_eval(args) -> int:
 
 
 COMMANDS = {"config": cmd_config, "run": cmd_run, "sweep": cmd_sweep, "report": cmd_report, "generate": cmd_generate,
-            "export": cmd_export, "eval": cmd_eval}
+            "export": cmd_export, "eval": cmd_eval, "audit": cmd_audit}
 
 
 class Stopped(KeyboardInterrupt):

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import FedtuneError
+from .checks import one_of
 from .fed import sampled_clients
 
 SECAGG_MODULUS = 2**32  # SecAgg+'s mask range (Flower's default and maximum): sums wrap modulo this
@@ -13,10 +14,17 @@ SECAGG_MODULUS = 2**32  # SecAgg+'s mask range (Flower's default and maximum): s
 
 @dataclass
 class PrivacyConfig:
-    """Differential privacy (docs/privacy.md). delta 0 = 1/n: n = a client's records for DP-SGD,
-    the number of clients for central DP."""
+    """Differential privacy (docs/privacy.md). delta 0 = 1/(10 n): n = a client's records for
+    DP-SGD, the number of clients for central DP (output noise: 1/n, n = the client's records)."""
 
     dp_sgd: bool = False  # record-level DP-SGD in every client's local training
+    # DP-SGD's batches: "poisson" (each record joins each step with probability batch/n, what the
+    # accountant assumes) or "shuffle" (fixed-size slices of a shuffle; records say epsilon_assumes)
+    sampler: str = "poisson"
+    per_example: str = "vmap"  # DP-SGD's per-example gradients: "vmap" (torch.func, one pass) or "loop"
+    accountant: str = "rdp"  # "rdp" or "prv" (Opacus's; prv is tighter)
+    audit: bool = False  # plant canaries in the clients' rows; `fedtune audit RUN_DIR` measures them
+    audit_canaries: int = 100  # canaries over all clients, each planted or held out by a fair coin (privacy.audit)
     clip: float = 1.0  # per-example gradient L2 bound
     noise_multiplier: float = 1.0  # noise std / clip; ignored when target_epsilon > 0
     target_epsilon: float = 0.0  # > 0: calibrate the noise so the run ends at this epsilon
@@ -47,7 +55,16 @@ def validate(cfg: Any) -> None:
         if value < 0:
             raise FedtuneError(f"{key} must be >= 0; got {value}")
     if not 0.0 <= p.delta < 1.0:
-        raise FedtuneError(f"privacy.delta must be in [0, 1) (0 = 1/n); got {p.delta}")
+        raise FedtuneError(f"privacy.delta must be in [0, 1) (0 = 1/(10 n)); got {p.delta}")
+    one_of("privacy.sampler", p.sampler, ("poisson", "shuffle"))
+    one_of("privacy.per_example", p.per_example, ("vmap", "loop"))
+    one_of("privacy.accountant", p.accountant, ("rdp", "prv"))
+    if p.audit_canaries < 2 or p.audit_canaries % 2:
+        raise FedtuneError(f"privacy.audit_canaries must be an even number >= 2 (half in, half out); "
+                           f"got {p.audit_canaries}")
+    if p.dp_sgd and p.sampler == "poisson" and cfg.split.sample == "loss":
+        raise FedtuneError("privacy.sampler=poisson draws each step's rows at random; split.sample=loss picks "
+                           "them by loss (use split.sample=random)")
     if p.secagg:
         _validate_secagg(p, sampled_clients(cfg.fed))
 

@@ -106,6 +106,12 @@ RULES: tuple[Rule, ...] = (
     (lambda c: c.privacy.output_noise_multiplier and fw(c, "uploads_weights") and not fw(c, "uploads_outputs"),
      lambda c: f"privacy.output_noise_multiplier noises what {' and '.join(FRAMEWORKS.having('uploads_outputs'))} "
                f"send; {c.framework} sends weights (use privacy.dp_sgd or privacy.central_dp)"),
+    (lambda c: c.privacy.dp_sgd and fw(c, "uploads_seeds"),
+     lambda c: f"privacy.dp_sgd clips per-example gradients; {c.framework} takes zeroth-order steps without "
+               "them (use privacy.central_dp)"),
+    (lambda c: c.privacy.audit and not ta(c, "labelled"),
+     lambda c: f"privacy.audit plants labelled canaries: needs train.task={either(TASKS.having('labelled'))}; "
+               f"got {c.train.task}"),
     (lambda c: c.privacy.central_dp and outputs_only(c),
      lambda c: f"privacy.central_dp bounds uploaded weight updates; {c.framework} uploads outputs "
                "(use privacy.dp_sgd)"),

@@ -37,7 +37,7 @@ from .. import strategies
 from ..strategies.base import LocalRule, LocalRules, split_extras, with_extras
 from ..strategies.prox import Proximal
 from ..metering import FlopModel
-from ..privacy import attacks, central_dp, dp_sgd
+from ..privacy import attacks, canaries, central_dp, dp_sgd, sampling
 from ..wire import Message
 from ..training import StepFn, autocast, derive_seed, train_pass
 
@@ -106,6 +106,8 @@ class Context:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         fed = TASKS.load(cfg.train.task).load_data(cfg)
+        if cfg.privacy.audit:  # canaries among the private rows, for the privacy audit
+            fed = canaries.plant(cfg, fed)
         model, tok = models.build(cfg.model, fed.num_labels, cfg.seed, cfg.train.task)
         if cfg.model.init_from:  # every framework takes its initial global state from the model
             inference.warm_start(model, cfg, fed.label_names)
@@ -132,11 +134,15 @@ class Context:
 
     def client_batches(self, rnd: int, cid: int, epoch: int = 0, limit: int = 0, rows: ClientRows | None = None):
         """The client's private rows (``rows``, or all of them) for this round, shuffled by
-        (seed, round, client, epoch)."""
+        (seed, round, client, epoch); under DP-SGD's Poisson sampler, drawn by that rule
+        (privacy/sampling.py)."""
         rows = self.client_rows(cid) if rows is None else rows
         seed = derive_seed(self.cfg.seed, "shuffle", rnd, cid, epoch)
         labels = attacks.flip_labels(self.cfg, cid, rows.labels, self.data.num_labels)
-        d = self.cfg.data
+        d, p = self.cfg.data, self.cfg.privacy
+        if p.dp_sgd and p.sampler == "poisson":
+            return sampling.poisson_batches(rows.ids, labels, self.cfg.train.batch_size, self.tokenizer.pad_token_id,
+                                            d.padding, d.max_length, (self.cfg.seed, rnd, cid, epoch), limit)
         return datalib.batches(rows.ids, labels, self.cfg.train.batch_size, self.tokenizer.pad_token_id, d.padding,
                                d.max_length, seed, limit)
 

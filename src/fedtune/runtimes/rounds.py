@@ -72,6 +72,12 @@ class Grid(ABC):
 
 
 def sample_clients(cfg, rnd: int) -> list[int]:
+    """The round's clients: a seeded subset of round(fraction x clients); under
+    privacy.central_dp each client joins independently with probability fed.fraction (the
+    Poisson participation DP-FedAvg's accountant counts; the round may have no client)."""
+    if cfg.privacy.central_dp:
+        rng = random.Random(derive_seed(cfg.seed, "participate", rnd))
+        return [cid for cid in range(cfg.fed.clients) if rng.random() < cfg.fed.fraction]
     k = max(1, round(cfg.fed.fraction * cfg.fed.clients))
     if k >= cfg.fed.clients:
         return list(range(cfg.fed.clients))
@@ -90,6 +96,9 @@ def run_rounds(fw: Framework, grid: Grid, rundir: RunDir, progress: Progress | N
         for rnd in range(first, cfg.fed.rounds + 1):
             started = time.perf_counter()
             sampled = sample_clients(cfg, rnd)
+            if not sampled:  # Poisson participation drew no client: nothing to train or aggregate
+                progress.round_done(rnd, skip_round(fw, rundir, rnd, states))
+                continue
             blobs = {cid: serialize(fw.configure(rnd, cid)) for cid in sampled}
             uploads: dict[int, tuple[bytes, dict]] = {}
 
@@ -190,6 +199,15 @@ def close_round(fw: Framework, rundir: RunDir, rnd: int, uploads: dict[int, tupl
     return record
 
 
+def skip_round(fw: Framework, rundir: RunDir, rnd: int, client_states: dict) -> dict[str, Any]:
+    """Log and checkpoint a round no client joined (the model as it was); central DP still counts it."""
+    record = {"round": rnd, "framework": fw.cfg.framework, "client": "server", **fw.evaluate(rnd), "clients": [],
+              "skipped": "no client joined", **(fw.central_dp.skip() if fw.central_dp else {})}
+    rundir.metrics.append(record)
+    rundir.save_checkpoint(rnd, {"framework": fw.state_dict(), "client_states": client_states})
+    return record
+
+
 def restore(fw: Framework, rundir: RunDir) -> tuple[int, dict]:
     """-> (first round to run, client states) from the run directory's checkpoint."""
     ckpt = rundir.load_checkpoint()
@@ -209,4 +227,10 @@ def finish(fw: Framework, rundir: RunDir, wall_seconds: float) -> dict[str, Any]
          "seed": fw.cfg.seed, "wall_seconds": wall_seconds}
     )
     rundir.write_adapter_readme(fw.cfg, summary)
+    if fw.cfg.privacy.audit:  # canaries were planted: the audit's lower bound beside the accountant's epsilon
+        from ..privacy import audit
+
+        ctx = fw.ctx
+        audit.write(rundir.path, audit.measure(fw.cfg, fw.global_model(), ctx.task, ctx.tokenizer, ctx.device,
+                                               ctx.data, rundir.metrics.records()))
     return summary

@@ -273,9 +273,10 @@ class KDFramework(Framework):
                 train_pass(ctx.model, steps, cfg.train, ctx.device, ctx.flops, mixed.loss, on_step=ctx.on_step,
                            flop_fn=mixed.flop, on_grad=rule.on_grad if rule else None)
             else:  # config.validate keeps continual.method=ewc (rule) away from DP-SGD
-                dp_sgd.train_pass(ctx.model, steps, cfg.train, ctx.device, ctx.flops, mixed.private_ce, dp,
+                dp_sgd.train_pass(ctx.model, steps, cfg.train, ctx.device, ctx.flops, ctx.task.loss, dp,
                                   on_step=ctx.on_step, flop_fn=mixed.flop, private_of=lambda step: step.private,
-                                  public_loss=mixed.public_kd, weight=1.0 if teacher is None else 1 - lam)
+                                  public_loss=mixed.public_kd, weight=1.0 if teacher is None else 1 - lam,
+                                  on_losses=mixed.parts["ce"].extend)
         out = mixed.metrics()
         if teacher is not None:
             out["client_kd_confidence"] = float(weight[sent].mean())

@@ -16,6 +16,7 @@ import torch
 from ... import models
 from ...data import Batch
 from ...metrics import MB
+from ...privacy import per_example
 from ...privacy.guard import ClientGuard
 from ...strategies.base import with_extras
 from ...training import autocast, make_optimizer
@@ -62,11 +63,17 @@ class ClientRound:
         self.samples = max(self.samples, sum(len(b.index) for b in batches))
 
     def train_step(self, batch: Batch, link) -> None:
+        if not len(batch.index):  # DP-SGD's Poisson draw came up empty: a step of noise alone
+            self.optimizer.zero_grad(set_to_none=True)
+            self.dp.step_stacked(self.params, [None] * len(self.params), 0)
+            self.optimizer.step()
+            self.step += 1
+            return
         packed, mask = self.forward_to_cut(batch)
         up = self.send_activations(packed, mask, batch)
         reply = link.exchange(up)  # c3, c4: the server's step
         grad = self.receive_gradient(reply, up, batch)
-        self.backward(packed, grad.to(self.fw.ctx.device), mask)
+        self.backward(packed, grad.to(self.fw.ctx.device), mask, batch)
         self.losses.append(reply.meta["loss"])
         self.flops += self.fw.ctx.flops.count(*batch.shape, train=True, blocks=range(0, self.part.layer), head=False)
         self.step += 1
@@ -89,10 +96,10 @@ class ClientRound:
             self.scores[batch.index] = reply.tensors[LOSS]
         return codecs.decode(reply.tensors, GRAD, up.tensors, ACT)
 
-    def backward(self, packed: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor) -> None:  # c5
+    def backward(self, packed: torch.Tensor, grad: torch.Tensor, mask: torch.Tensor, batch: Batch) -> None:  # c5
         self.optimizer.zero_grad(set_to_none=True)
-        if self.dp is not None:  # DP-SGD: one backward per example
-            self.dp.step(self.params, example_grads(packed, grad.to(packed.dtype), mask, self.params))
+        if self.dp is not None:  # DP-SGD: per-example gradients (privacy.per_example)
+            self.private_backward(packed, grad.to(packed.dtype), mask, batch)
         else:
             packed.backward(grad.to(packed.dtype))
         self.rule.on_grad()
@@ -100,6 +107,18 @@ class ClientRound:
         if max_norm and self.dp is None:
             torch.nn.utils.clip_grad_norm_(self.part.client.parameters(), max_norm)
         self.optimizer.step()
+
+    def private_backward(self, packed, grad, mask, batch: Batch) -> None:
+        if self.dp.per_example == "vmap":
+            try:
+                stacked = per_example.vmap_cut_grads(self.part, self.params, batch.input_ids, batch.attention_mask,
+                                                     grad, len(batch.index))
+            except RuntimeError as err:
+                per_example.fallback_note(err)
+                self.dp.per_example = "loop"
+            else:
+                return self.dp.step_stacked(self.params, stacked, len(batch.index))
+        self.dp.step(self.params, example_grads(packed, grad, mask, self.params))
 
     def result(self) -> ClientResult:
         fw, cid = self.fw, self.cid

@@ -221,6 +221,10 @@ class CutModel:
 
     def client_forward(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """-> the packed activations at the cut, (real tokens, hidden)."""
+        return self.client_hidden(input_ids, mask)[self.full_mask(mask).bool()]
+
+    def client_hidden(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """-> the activations at the cut, padded: (rows, prompt + width, hidden)."""
         prompt = None
         if self.prompt is not None:
             n = self.prompt.embedding.num_embeddings
@@ -230,7 +234,7 @@ class CutModel:
         kwargs = self.glue.block_kwargs(hidden, mask)
         for block in self.glue.blocks[: self.layer]:
             hidden = block(hidden, **kwargs)
-        return hidden[mask.bool()]
+        return hidden
 
     def server_forward(self, packed: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Packed activations -> a classifier's logits (batch, labels), or a causal LM's final
