@@ -26,6 +26,7 @@ from .. import continual
 from .. import data as datalib
 from .. import models
 from .. import inference
+from .. import precision
 from ..tasks import TASKS, make as make_task
 from ..tasks.base import Task
 from ..config import RunConfig
@@ -80,13 +81,17 @@ class Context:
     def build(cls, cfg: RunConfig) -> "Context":
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        precision.resolve(cfg)
         fed = TASKS.load(cfg.train.task).load_data(cfg)
-        model, tok = models.build(cfg.model, fed.num_labels, cfg.seed, cfg.train.task)
+        dtype = precision.dtype_of(cfg.train.precision)
+        model, tok = models.build(cfg.model, fed.num_labels, cfg.seed, cfg.train.task, dtype)
         if cfg.model.init_from:  # every framework takes its initial global state from the model
             inference.warm_start(model, cfg, fed.label_names)
         device = pick_device(cfg.train.device)
         if not cfg.model.quantize:  # a quantized base is placed on the GPU as it loads
             model.to(device)
+        if dtype != torch.float32:
+            precision.autocast_forwards(model, device)
         if cfg.train.gradient_checkpointing:
             models.enable_gradient_checkpointing(model)
         task = make_task(cfg.train.task, tok, fed.label_names, cfg.data.max_length, cfg)
