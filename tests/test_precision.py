@@ -128,3 +128,23 @@ def test_precision_values_and_the_bf16_alias():
     assert configlib.build_config("demo", None, {"train.bf16": "true"}).train.precision == "bf16"
     assert configlib.build_config("demo", None, {"train.bf16": "false"}).train.precision == "fp32"
     assert "train.bf16" not in configlib.known_keys()
+
+
+def _compiles() -> bool:
+    try:
+        torch.compile(lambda x: x + 1)(torch.ones(2))
+        return True
+    except Exception:  # no compiler toolchain, or a platform torch.compile does not support
+        return False
+
+
+@pytest.mark.slow  # the compile alone takes a minute or more on a 2-core machine
+@pytest.mark.skipif(not hasattr(torch, "compile"), reason="torch.compile unavailable")
+def test_compiled_model_runs_and_matches_eager(tmp_path):
+    if not _compiles():
+        pytest.skip("torch.compile does not run here")
+    kw = dict(fed__rounds=1, fed__clients=2, data__private_size=40, data__test_size=40, model__lora_dropout=0.0)
+    eager, _ = run_tiny(tiny_config(tmp_path / "eager", **kw))
+    compiled, _ = run_tiny(tiny_config(tmp_path / "compiled", train__compile=True, **kw))
+    # The base's dropout draws other random numbers in compiled code: close, not equal.
+    assert compiled["final_test_loss"] == pytest.approx(eager["final_test_loss"], rel=0.05)

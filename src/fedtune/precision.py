@@ -101,3 +101,16 @@ def _autocast_forward(forward, device):
             return forward(*args, **kwargs)
 
     return run
+
+
+def compile_body(model: nn.Module) -> None:
+    """train.compile: torch.compile the transformer body in place (every task and the classify
+    head run through it; the names of the tunable parameters do not change). The one shared
+    model is compiled once and reused by every client and round. Dynamic padding gives batches
+    of new lengths: torch recompiles at the second length it meets and then marks that
+    dimension dynamic, so a run pays one or two compiles, not one per length (data.padding=
+    max_length gives a single shape). Split learning's parts call the blocks directly and run
+    eagerly."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    body = getattr(base, "base_model", None) or base
+    body.compile()

@@ -92,6 +92,8 @@ class Context:
             model.to(device)
         if dtype != torch.float32:
             precision.autocast_forwards(model, device)
+        if cfg.train.compile:
+            precision.compile_body(model)
         if cfg.train.gradient_checkpointing:
             models.enable_gradient_checkpointing(model)
         task = make_task(cfg.train.task, tok, fed.label_names, cfg.data.max_length, cfg)
