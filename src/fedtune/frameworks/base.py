@@ -101,10 +101,12 @@ class Context:
         ids.update({f"client{c}": task.encode(s) for c, s in enumerate(fed.clients)})
         return cls(cfg, fed, model, tok, device, FlopModel.of(model), ids, task)
 
-    def batches(self, key: str, labels: list, batch_size: int, shuffle_seed: int | None = None, limit: int = 0):
+    def batches(self, key: str, labels: list, batch_size: int, shuffle_seed: int | None = None, limit: int = 0,
+                by_length: bool = False):
         d = self.cfg.data
         return datalib.batches(
-            self.ids[key], labels, batch_size, self.tokenizer.pad_token_id, d.padding, d.max_length, shuffle_seed, limit
+            self.ids[key], labels, batch_size, self.tokenizer.pad_token_id, d.padding, d.max_length, shuffle_seed,
+            limit, by_length,
         )
 
     def client_batches(self, rnd: int, cid: int, epoch: int = 0, limit: int = 0):
@@ -114,7 +116,8 @@ class Context:
         return self.batches(f"client{cid}", labels, self.cfg.train.batch_size, seed, limit)
 
     def test_batches(self, limit: int = 0):
-        return self.batches("test", self.data.test.labels, self.cfg.train.eval_batch_size, limit=limit)
+        """Sorted by length: evaluation pads least (its sums do not depend on the order)."""
+        return self.batches("test", self.data.test.labels, self.cfg.train.eval_batch_size, limit=limit, by_length=True)
 
     def public_batches(self, labels: list | None = None):
         labels = labels if labels is not None else self.data.public.labels
