@@ -110,7 +110,7 @@ def zo_ratio(ctx, steps: Steps) -> float:
     return statistics.median(gaps) / statistics.median(times[1:])
 
 
-def run_plain(ctx, steps: Steps) -> dict:
+def run_plain(job: dict, ctx, steps: Steps) -> dict:
     """The same rows and model, a bare loop: forward, loss, backward, AdamW step."""
     import torch
 
@@ -167,13 +167,15 @@ def run_hf_trainer(job: dict, ctx, steps: Steps) -> dict:
 
 
 def run_trl_sft(job: dict, ctx, steps: Steps) -> dict:
-    """TRL's SFTTrainer on the client's rows (prompt, completion) with the same PEFT model."""
+    """TRL's SFTTrainer with the same PEFT model on the very token ids fedtune trains on (prompt
+    and response after fedtune's chat template and truncation), the loss on the response only."""
     from datasets import Dataset
     from trl import SFTTrainer
 
-    rows = ctx.data.clients[0]
-    data = Dataset.from_list([{"prompt": list(t), "completion": [{"role": "assistant", "content": r}]}
-                              for t, r in zip(rows.turns, rows.responses)])
+    ids, labels = ctx.ids["client0"], ctx.data.clients[0].labels
+    answer = [int((lab != -100).sum()) for lab in labels]
+    data = Dataset.from_list([{"input_ids": x, "completion_mask": [0] * (len(x) - n) + [1] * n}
+                              for x, n in zip(ids, answer)])
     trainer = SFTTrainer(model=ctx.model, args=trainer_args(job, ctx, sft=True), train_dataset=data,
                          processing_class=ctx.tokenizer, callbacks=[StepCallback(steps)])
     trainer.train()
