@@ -148,3 +148,15 @@ def test_compiled_model_runs_and_matches_eager(tmp_path):
     compiled, _ = run_tiny(tiny_config(tmp_path / "compiled", train__compile=True, **kw))
     # The base's dropout draws other random numbers in compiled code: close, not equal.
     assert compiled["final_test_loss"] == pytest.approx(eager["final_test_loss"], rel=0.05)
+
+
+def test_merged_export_writes_the_dtype_asked_for(tmp_path):
+    from safetensors import safe_open
+
+    _, rundir = run_tiny(tiny_config(tmp_path, fed__rounds=1, train__precision="bf16", data__private_size=40,
+                                     data__test_size=20))
+    for dtype, expected in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        out = tmp_path / f"merged-{dtype}"
+        assert cli.main(["export", str(rundir.path), "--merged", str(out), "--dtype", dtype]) == 0
+        with safe_open(str(out / "model.safetensors"), "pt") as f:
+            assert {f.get_tensor(k).dtype for k in f.keys() if f.get_tensor(k).is_floating_point()} == {expected}
