@@ -189,7 +189,7 @@ def test_explicit_columns_and_the_partitions(tmp_path):
 
 def test_config_errors_are_one_line():
     for overrides, message in [
-        ({"train.bf16": "true", "train.device": "cpu"}, "train.bf16=true needs a CUDA GPU"),
+        ({"train.precision": "fp16"}, "train.precision must be one of auto, fp32, bf16"),
         ({"model.quantize": "4bit", "train.device": "cpu"}, "model.quantize=4bit needs a CUDA GPU"),
         ({"model.quantize": "2bit"}, "model.quantize must be one of"),
         ({"eval.metric": "bleu"}, "eval.metric must be one of auto, final_number, rougeL, none"),
@@ -349,9 +349,10 @@ def test_generate_streams_the_runs_answers(tmp_path, sft_dir, capfd):
     prompts = write_jsonl(tmp_path / "p.jsonl", ["What is 1 plus 1?", {"question": "What is 2 plus 2?"}])
     assert cli.main(["generate", str(rundir.path), "--file", str(prompts), "--max-new-tokens", "4"]) == 0
     assert "### 2: What is 2 plus 2?" in capfd.readouterr().out
-    # A run trained on a GPU in bf16 still answers where there is none: inference is full precision.
+    # A run trained in bf16 answers in full precision: inference loads the base in fp32.
     config = rundir.path / "config.toml"
-    config.write_text(config.read_text().replace("bf16 = false", "bf16 = true"))
+    assert 'precision = "fp32"' in config.read_text()
+    config.write_text(config.read_text().replace('precision = "fp32"', 'precision = "bf16"'))
     assert generate(rundir.path, [[{"role": "user", "content": "What is 5 plus 5?"}]], 6, stream=False)[0] == answer
 
 

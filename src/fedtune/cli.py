@@ -115,6 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     e = sub.add_parser("export", help="write a run's model as a standalone Hugging Face model directory")
     e.add_argument("run_dir", help="a finished run directory")
     e.add_argument("--merged", required=True, metavar="OUT", help="directory for the model with the adapter merged in")
+    e.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
+                   help="the dtype of the written weights (default fp32; the merge itself runs in fp32)")
     a = sub.add_parser("audit", help="a run's privacy audit: the accountant's epsilon beside a measured lower bound")
     a.add_argument("run_dir", help="a finished run directory (with privacy.audit = true for the canary bound)")
     c = sub.add_parser("config", help="list every config key (for --set and config files) with its default")
@@ -125,10 +127,11 @@ def _parser() -> argparse.ArgumentParser:
 def preflight(cfg) -> None:
     """Check the data and the model source before any work and before a run directory exists,
     so that bad input is one line and leaves nothing behind. What it resolves (the data path,
-    the split layer) goes into ``cfg``, so that config.toml reproduces the run elsewhere."""
+    the split layer, train.precision=auto) goes into ``cfg``, so that config.toml reproduces the run
+    elsewhere."""
     from . import config as configlib
     from . import data as datalib
-    from . import models
+    from . import models, precision
     from .sft_data import pick_task
     from .tasks import TASKS
 
@@ -136,6 +139,7 @@ def preflight(cfg) -> None:
     TASKS.load(cfg.train.task).load_data(cfg)
     cfg.data.path = datalib.resolved_path(cfg.data)
     models.resolve(cfg.model.name)
+    precision.resolve(cfg)
     if FRAMEWORKS.has(cfg.framework, "split_cut"):
         depth = models.depth(cfg.model.name)  # from the model's config: no weights are loaded
         if depth < 2:
@@ -316,7 +320,7 @@ def cmd_generate(args) -> int:
 def cmd_export(args) -> int:
     from .inference import export
 
-    print(f"exported: {export(args.run_dir, args.merged)}")
+    print(f"exported: {export(args.run_dir, args.merged, args.dtype)}")
     return 0
 
 

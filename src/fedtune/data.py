@@ -372,13 +372,18 @@ def batches(
     max_length: int = 80,
     shuffle_seed: int | None = None,
     limit: int = 0,
+    by_length: bool = False,
 ) -> list[Batch]:
-    """Batches over the rows; shuffled by shuffle_seed when given; the first ``limit`` rows only."""
+    """Batches over the rows; shuffled by shuffle_seed when given; the first ``limit`` rows only;
+    ``by_length``: those rows sorted by length (evaluation: the least padding; each batch's
+    ``index`` says which rows it holds)."""
     order = list(range(len(ids)))
     if shuffle_seed is not None:
         random.Random(shuffle_seed).shuffle(order)
     if limit:
         order = order[:limit]
+    if by_length:
+        order.sort(key=lambda i: len(ids[i]))
     out = []
     for start in range(0, len(order), batch_size):
         rows = order[start : start + batch_size]

@@ -28,7 +28,7 @@ def trained_adapter(run_dir: str | Path, key: str = ""):
         raise FedtuneError(f"{where}: not a run directory (no {CONFIG})")
     # Inference loads the base in full precision wherever the run trained: a GPU run with bf16
     # or a 4-bit base (QLoRA) still answers, and merges, on a CPU.
-    cfg = configlib.build_config(file=rundir.path / CONFIG, overrides={"train.bf16": False, "model.quantize": ""})
+    cfg = configlib.build_config(file=rundir.path / CONFIG, overrides={"train.precision": "fp32", "model.quantize": ""})
     adapter = rundir.path / ADAPTER
     if not (adapter / "adapter_model.safetensors").is_file():
         raise FedtuneError(f"{where}: no trained adapter (the run has not finished; resume it with --resume)")
@@ -134,14 +134,21 @@ def generate(run_dir: str | Path, conversations: list[list[dict]], max_new_token
     return answers
 
 
-def export(run_dir: str | Path, out: str | Path) -> Path:
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export(run_dir: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     """A standalone model directory: ``AutoModelForCausalLM`` (sft, generate) or
-    ``AutoModelForSequenceClassification`` (classify, with the label names) loads it."""
+    ``AutoModelForSequenceClassification`` (classify, with the label names) loads it. The adapter
+    is merged in fp32 (whatever train.precision the run trained in), then the whole model is
+    written in ``dtype`` (fp32, bf16 or fp16)."""
+    if dtype not in EXPORT_DTYPES:
+        raise FedtuneError(f"--dtype {dtype}: choose from {', '.join(EXPORT_DTYPES)}")
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FedtuneError(f"{out}: already exists and is not empty")
     cfg, model, tok, labels = load_run(run_dir)
-    merged = models.merged_model(model)
+    merged = models.merged_model(model).to(EXPORT_DTYPES[dtype])
     if cfg.train.task == "classify":
         merged.config.id2label = dict(enumerate(labels))
         merged.config.label2id = {n: i for i, n in enumerate(labels)}

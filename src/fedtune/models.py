@@ -16,6 +16,7 @@ from .adapters import ADAPTERS
 from .config import ModelConfig
 from .errors import FedtuneError
 from .gguf_cache import converted
+from .precision import tunable_to_fp32
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED = ("smollm2", "minilm", "tiny-gpt2", "tiny-llama", "tiny-bert")
@@ -179,23 +180,27 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\.")
 
 
-def load_base(cfg: ModelConfig, tok, num_labels: int, task: str = "classify") -> nn.Module:
-    """The frozen pre-trained model with a fresh head (seed torch before calling)."""
+def load_base(cfg: ModelConfig, tok, num_labels: int, task: str = "classify",
+              dtype: torch.dtype = torch.float32) -> nn.Module:
+    """The frozen pre-trained model with a fresh head (seed torch before calling), its weights in
+    ``dtype`` (train.precision; precision.py)."""
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     _quiet_transformers()
     auto = AutoModelForSequenceClassification if task == "classify" else AutoModelForCausalLM
     kind, where = resolve(cfg.name)
-    kwargs = dict(attn_implementation=cfg.attn_implementation, **quantization(cfg))
+    # "auto" unresolved (a library call without precision.resolve): the fp32 choice.
+    attn = "sdpa" if cfg.attn_implementation == "auto" else cfg.attn_implementation
+    kwargs = dict(attn_implementation=attn, **quantization(cfg))
     if task == "classify":
         kwargs["num_labels"] = num_labels
     if kind == "tiny":
         config = _tiny_config(cfg.name, tok, num_labels)
-        config._attn_implementation = cfg.attn_implementation
-        model = auto.from_config(config)
+        config._attn_implementation = attn
+        model = auto.from_config(config).to(dtype)
     else:
         try:
-            model = auto.from_pretrained(where, dtype=torch.float32, local_files_only=kind == "dir", **kwargs)
+            model = auto.from_pretrained(where, dtype=dtype, local_files_only=kind == "dir", **kwargs)
         except OSError as exc:
             raise FedtuneError(f"{cfg.name}: cannot load model: {str(exc).splitlines()[0]}") from None
     model.config.pad_token_id = tok.pad_token_id
@@ -239,14 +244,15 @@ def add_peft(model: nn.Module, cfg: ModelConfig, task: str = "classify") -> nn.M
     return ADAPTERS.load(cfg.peft)(cfg).wrap(model, task)
 
 
-def build(cfg: ModelConfig, num_labels: int, seed: int, task: str = "classify"):
+def build(cfg: ModelConfig, num_labels: int, seed: int, task: str = "classify", dtype: torch.dtype = torch.float32):
     """-> (peft model, tokenizer). The head and the PEFT init are seeded, so every run, every
-    client and the server start from the same weights."""
+    client and the server start from the same weights. The frozen base is in ``dtype``; the
+    tunable parameters are fp32 whatever it is (precision.py)."""
     tok = load_tokenizer(cfg)
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        model = add_peft(load_base(cfg, tok, num_labels, task), cfg, task)
-    return model, tok
+        model = add_peft(load_base(cfg, tok, num_labels, task, dtype), cfg, task)
+    return tunable_to_fp32(model), tok
 
 
 # --------------------------------------------------------------------------- tunable state
@@ -257,7 +263,9 @@ def tunable_names(model: nn.Module) -> list[str]:
 
 
 def get_tunable(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    """fp32 copies whatever the model computes in: what goes on the wire does not change with
+    train.precision."""
+    return {n: p.detach().to(torch.float32, copy=True) for n, p in model.named_parameters() if p.requires_grad}
 
 
 @torch.no_grad()

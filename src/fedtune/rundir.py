@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from . import config as configlib
+from . import precision
 from .errors import FedtuneError
 from .metrics import MetricsLog, summarize
 
@@ -31,6 +32,7 @@ class RunDir:
             raise FedtuneError(f"{out}: already holds a run; use --resume {out} or another --out")
         out.mkdir(parents=True, exist_ok=True)
         cfg.out = str(out)
+        precision.resolve(cfg)  # config.toml records the precision chosen, never "auto"
         configlib.save(cfg, out / CONFIG)
         rundir = cls(out)
         rundir.record_environment(cfg)

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from . import config as configlib
+from . import precision
 from .errors import FedtuneError
 from .console import Progress, RichProgress
 from .rundir import CONFIG, SUMMARY, RunDir
@@ -197,6 +198,7 @@ def grid_points(name: str, fixed: dict, vary: dict, seeds: list[int], preset: st
 
 
 def _identity(cfg: configlib.RunConfig) -> dict[str, Any]:
+    precision.resolve(cfg)  # "auto" is the choice config.toml records for it
     flat = configlib.flat_dict(cfg)
     return {k: v for k, v in flat.items() if k not in NOT_IDENTITY}
 

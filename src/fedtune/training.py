@@ -10,6 +10,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from . import precision
 from .config import TrainConfig
 from .data import Batch
 from .metering import FlopModel
@@ -33,8 +34,8 @@ def seeded(*parts):
 
 
 def autocast(cfg: TrainConfig, device: torch.device):
-    """bf16 autocast of forward passes (train.bf16, CUDA only: config.validate checks)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.bf16)
+    """bf16 autocast of forward passes under train.precision=bf16 (precision.py)."""
+    return precision.autocast(cfg.precision, device)
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig, lr: float | None = None, head_lr: float | None = None):

@@ -60,7 +60,14 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda"
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% more time
-    bf16: bool = False  # bf16 autocast of the forward passes; CUDA only
+    # "fp32", "bf16" (the frozen base stored and computed in bf16; the tunable parameters, their
+    # gradients and the optimizer state stay fp32; precision.py) or "auto" (bf16 where the hardware
+    # computes it natively: a CUDA GPU with bf16, a CPU with AMX or AVX-512 BF16; else fp32).
+    # config.toml records the choice. train.bf16=true is accepted as train.precision=bf16.
+    precision: str = "fp32"
+    # torch.compile the client model once, reused by every client and round (docs in README's
+    # "Precision and speed"): the first steps pay the compile, new padded lengths may recompile.
+    compile: bool = False
 
 
 @dataclass
@@ -88,6 +95,7 @@ def validate(cfg: Any) -> None:
     one_of("data.padding", d.padding, ("dynamic", "max_length"))
     one_of("data.partition", d.partition, ("iid", "dirichlet", "length"))
     one_of("train.optimizer", t.optimizer, ("adam", "adamw"))
+    one_of("train.precision", t.precision, ("auto", "fp32", "bf16"))
     at_least_one({"train.batch_size": t.batch_size, "train.eval_batch_size": t.eval_batch_size,
                   "data.max_length": d.max_length})
     if d.max_labels < 0:
@@ -110,9 +118,8 @@ def validate(cfg: Any) -> None:
 
 
 def check_cuda(cfg: Any) -> None:
-    """train.bf16 and model.quantize run on a CUDA GPU only."""
-    wants = [k for k, on in (("train.bf16=true", cfg.train.bf16),
-                             (f"model.quantize={cfg.model.quantize}", cfg.model.quantize)) if on]
+    """model.quantize runs on a CUDA GPU only."""
+    wants = [f"model.quantize={cfg.model.quantize}"] if cfg.model.quantize else []
     if wants and cfg.train.device != "cuda":
         import torch  # only when asked: validation otherwise stays free of torch
 

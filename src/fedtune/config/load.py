@@ -93,8 +93,20 @@ def _coerce(key: str, typ: Any, value: Any) -> Any:
         raise FedtuneError(f"config key {key!r}: expected {typ.__name__}, got {value!r}") from None
 
 
+def _alias(key: str, value: Any) -> tuple[str, Any] | None:
+    """train.bf16 (a bool) is another spelling of train.precision: true = bf16, false = leave it;
+    config files that set it keep loading. -> (key, value) to set, or None."""
+    if key != "train.bf16":
+        return key, value
+    return ("train.precision", "bf16") if _coerce(key, bool, value) else None
+
+
 def set_key(cfg: Any, key: str, value: Any) -> None:
     """Set ``section.key`` (or a top-level key) on the run config ``cfg``, with type checking."""
+    aliased = _alias(key, value)
+    if aliased is None:
+        return
+    key, value = aliased
     keys = known_keys(cfg)
     if key not in keys:
         close = difflib.get_close_matches(key, keys, n=3)

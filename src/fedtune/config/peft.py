@@ -21,7 +21,9 @@ class ModelConfig:
     lora_dropout: float = 0.1  # dropout on LoRA's input
     lora_init: str = "gaussian"  # PEFT's init_lora_weights ("default" = PEFT's own)
     target_modules: list[str] = field(default_factory=list)  # empty = per-architecture default
-    attn_implementation: str = "sdpa"  # transformers' attention kernel: "sdpa" or "eager"
+    # transformers' attention kernel: "sdpa", "eager" or "auto" (sdpa; eager under train.precision=bf16
+    # on a CPU, where it is the faster one); config.toml records the choice.
+    attn_implementation: str = "auto"
     quantize: str = ""  # "", "4bit" or "8bit": a frozen bitsandbytes base under LoRA (QLoRA); CUDA only
     # Tunable-parameter design (docs/peft.md).
     peft: str = "lora"  # adapters.ADAPTERS: "lora", "dora", "ia3", "prompt" (prompt tuning) or "prefix" (prefix tuning)

@@ -30,6 +30,7 @@ from .. import evalsets
 from .. import data as datalib
 from .. import models
 from .. import inference
+from .. import precision
 from ..tasks import TASKS, make as make_task
 from ..tasks.base import Task
 from ..config import RunConfig
@@ -105,15 +106,21 @@ class Context:
     def build(cls, cfg: RunConfig) -> "Context":
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
+        precision.resolve(cfg)
         fed = TASKS.load(cfg.train.task).load_data(cfg)
         if cfg.privacy.audit:  # canaries among the private rows, for the privacy audit
             fed = canaries.plant(cfg, fed)
-        model, tok = models.build(cfg.model, fed.num_labels, cfg.seed, cfg.train.task)
+        dtype = precision.dtype_of(cfg.train.precision)
+        model, tok = models.build(cfg.model, fed.num_labels, cfg.seed, cfg.train.task, dtype)
         if cfg.model.init_from:  # every framework takes its initial global state from the model
             inference.warm_start(model, cfg, fed.label_names)
         device = pick_device(cfg.train.device)
         if not cfg.model.quantize:  # a quantized base is placed on the GPU as it loads
             model.to(device)
+        if dtype != torch.float32:
+            precision.autocast_forwards(model, device)
+        if cfg.train.compile:
+            precision.compile_body(model)
         if cfg.train.gradient_checkpointing:
             models.enable_gradient_checkpointing(model)
         task = make_task(cfg.train.task, tok, fed.label_names, cfg.data.max_length, cfg)
@@ -122,10 +129,12 @@ class Context:
         ids.update({f"client{c}": task.encode(s) for c, s in enumerate(fed.clients)})
         return cls(cfg, fed, model, tok, device, FlopModel.of(model), ids, task)
 
-    def batches(self, key: str, labels: list, batch_size: int, shuffle_seed: int | None = None, limit: int = 0):
+    def batches(self, key: str, labels: list, batch_size: int, shuffle_seed: int | None = None, limit: int = 0,
+                by_length: bool = False):
         d = self.cfg.data
         return datalib.batches(
-            self.ids[key], labels, batch_size, self.tokenizer.pad_token_id, d.padding, d.max_length, shuffle_seed, limit
+            self.ids[key], labels, batch_size, self.tokenizer.pad_token_id, d.padding, d.max_length, shuffle_seed,
+            limit, by_length,
         )
 
     def client_rows(self, cid: int) -> ClientRows:
@@ -149,11 +158,12 @@ class Context:
     def test_batches(self, limit: int = 0, key: str = "test", rows: list[int] | None = None):
         """Batches of the test rows (``key="val"``: the validation rows); ``rows``: only these."""
         labels = getattr(self.data, key).labels
-        if rows is None:
-            return self.batches(key, labels, self.cfg.train.eval_batch_size, limit=limit)
+        if rows is None:  # sorted by length: evaluation pads least (its sums do not depend on the order)
+            return self.batches(key, labels, self.cfg.train.eval_batch_size, limit=limit, by_length=True)
         d = self.cfg.data
         return datalib.batches([self.ids[key][i] for i in rows], [labels[i] for i in rows],
-                               self.cfg.train.eval_batch_size, self.tokenizer.pad_token_id, d.padding, d.max_length)
+                               self.cfg.train.eval_batch_size, self.tokenizer.pad_token_id, d.padding, d.max_length,
+                               by_length=True)
 
     def public_batches(self, labels: list | None = None):
         labels = labels if labels is not None else self.data.public.labels

@@ -249,8 +249,20 @@ class SftTask(TailTask):
         ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=pad, eos_token_id=self.tok.eos_token_id)
+                             use_cache=True, pad_token_id=pad, eos_token_id=self.tok.eos_token_id)
         return [self.tok.decode(o[width:], skip_special_tokens=True).strip() for o in out]
+
+    def generate_sorted(self, model: nn.Module, prompts: list[list[int]], device, max_new_tokens: int,
+                        batch_size: int) -> list[str]:
+        """``generate`` in batches of prompts of similar length (the least left padding), the
+        answers in the prompts' order."""
+        order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+        answers: list[str] = [""] * len(prompts)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
+            for i, answer in zip(chunk, self.generate(model, [prompts[i] for i in chunk], device, max_new_tokens)):
+                answers[i] = answer
+        return answers
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, batches: list[Batch], device: torch.device) -> dict:
@@ -259,7 +271,7 @@ class SftTask(TailTask):
         model.eval()
         ev_cfg = self.run_cfg.eval if self.run_cfg else None
         loss_sum, tokens, right = 0.0, 0, 0
-        prompts, references = [], []
+        prompts, references, rows = [], [], []
         for batch in batches:
             b = batch.to(device)
             out = self.outputs(model, b).float()
@@ -272,6 +284,11 @@ class SftTask(TailTask):
                 start = int(b.attention_mask[r].sum()) - int(n[r])
                 prompts.append(b.input_ids[r, :start].tolist())
                 references.append(self.tok.decode(b.labels[r, : int(n[r])].tolist(), skip_special_tokens=True).strip())
+            rows += batch.index.tolist()
+        # The test rows' own order (batches may come sorted by length): generate_size and the
+        # samples always mean the first rows of the test set.
+        order = sorted(range(len(rows)), key=rows.__getitem__)
+        prompts, references = [prompts[i] for i in order], [references[i] for i in order]
         loss = loss_sum / max(tokens, 1)
         result = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "token_accuracy": right / max(tokens, 1)}
         metric = self.metric_name()
@@ -280,9 +297,7 @@ class SftTask(TailTask):
         size = ev_cfg.generate_size if ev_cfg and ev_cfg.generate_size else len(prompts)
         max_new = ev_cfg.max_new_tokens if ev_cfg else 256
         bs = self.run_cfg.train.eval_batch_size if self.run_cfg else 16
-        answers = []
-        for start in range(0, min(size, len(prompts)), bs):
-            answers += self.generate(model, prompts[start : min(start + bs, size)], device, max_new)
+        answers = self.generate_sorted(model, prompts[:size], device, max_new, bs)
         scores = score(metric, answers, references[: len(answers)])
         samples = [
             {"prompt": self.tok.decode(p, skip_special_tokens=True), "reference": ref, "answer": ans, metric: s}

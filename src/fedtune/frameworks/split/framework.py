@@ -45,6 +45,7 @@ from ...data import Batch
 from ...errors import FedtuneError
 from ...privacy import attacks
 from ...strategies.base import split_extras, weighted_mean
+from ...precision import dtype_of
 from ...training import autocast, derive_seed, make_optimizer, seeded
 from ...wire import Message, serialize
 from ..base import ClientRows, Context, Framework
@@ -153,7 +154,8 @@ class SplitFramework(Framework):
         loss under split.sample = loss, else None)."""
         part.server.train(update)
         with autocast(self.cfg.train, self.ctx.device):
-            out = part.server_forward(act, batch.attention_mask)
+            # The wire's fp32 activations in the frozen base's dtype (a norm is its first layer).
+            out = part.server_forward(act.to(dtype_of(self.cfg.train.precision)), batch.attention_mask)
             if part.causal_lm:  # final hidden states: the task applies the LM head at its positions
                 out = self.ctx.task.from_hidden(self.ctx.model, out, batch)
         if self.cfg.split.sample == "loss":
