@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .. import continual
+from .. import personalization
 from .. import data as datalib
 from .. import models
 from .. import inference
@@ -116,6 +117,7 @@ class Context:
         task = make_task(cfg.train.task, tok, fed.label_names, cfg.data.max_length, cfg)
         ids = {"test": task.encode(fed.test), "public": task.encode(fed.public)}
         ids.update({f"client{c}": task.encode(s) for c, s in enumerate(fed.clients)})
+        ids.update({f"client_test{c}": task.encode(s) for c, s in enumerate(fed.client_tests)})
         return cls(cfg, fed, model, tok, device, FlopModel.of(model), ids, task)
 
     def batches(self, key: str, labels: list, batch_size: int, shuffle_seed: int | None = None, limit: int = 0):
@@ -141,6 +143,10 @@ class Context:
     def test_batches(self, limit: int = 0):
         return self.batches("test", self.data.test.labels, self.cfg.train.eval_batch_size, limit=limit)
 
+    def client_test_batches(self, cid: int):
+        """Client ``cid``'s own test rows (data.client_test_size)."""
+        return self.batches(f"client_test{cid}", self.data.client_tests[cid].labels, self.cfg.train.eval_batch_size)
+
     def public_batches(self, labels: list | None = None):
         labels = labels if labels is not None else self.data.public.labels
         return self.batches("public", labels, self.cfg.train.eval_batch_size)
@@ -157,6 +163,7 @@ class Framework(ABC):
         self.strategy = strategies.make(self.cfg)
         self.central_dp = central_dp.make(self.cfg)  # None unless privacy.central_dp
         self.continual = continual.make(self.cfg, ctx.data)  # None unless continual.tasks > 1
+        self.personal = personalization.make(self.cfg)  # fed.personalization: what clients keep
 
     # ---- server side
     @abstractmethod
@@ -206,6 +213,8 @@ class Framework(ABC):
         rows = self.ctx.client_rows(cid)
         if self.continual:
             return self.continual.fit(self, rnd, msg, state, link, rows)
+        if self.personal.active:
+            return self.personal.fit(self, rnd, cid, msg, state, link, rows)
         return self.fit(rnd, cid, msg, state, link, rows=rows)
 
     @abstractmethod
