@@ -106,9 +106,11 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
     g.add_argument("--file", help="JSONL of prompts: a string, or an object with prompt/question/instruction/messages")
     g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--client", type=int, metavar="K", help="answer with client K's personal model (adapters/client-K)")
     e = sub.add_parser("export", help="write a run's model as a standalone Hugging Face model directory")
     e.add_argument("run_dir", help="a finished run directory")
     e.add_argument("--merged", required=True, metavar="OUT", help="directory for the model with the adapter merged in")
+    e.add_argument("--client", type=int, metavar="K", help="export client K's personal model (adapters/client-K)")
     c = sub.add_parser("config", help="list every config key (for --set and config files) with its default")
     c.add_argument("--list", action="store_true", help="every key, its default and one line of help (the default)")
     return p
@@ -301,14 +303,14 @@ def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.file is None):
         raise FedtuneError("give a prompt or --file PROMPTS.jsonl (one of the two)")
     convs = list(read_prompts(args.file)) if args.file else [[{"role": "user", "content": args.prompt}]]
-    generate(args.run_dir, convs, args.max_new_tokens)
+    generate(args.run_dir, convs, args.max_new_tokens, client=args.client)
     return 0
 
 
 def cmd_export(args) -> int:
     from .inference import export
 
-    print(f"exported: {export(args.run_dir, args.merged)}")
+    print(f"exported: {export(args.run_dir, args.merged, args.client)}")
     return 0
 
 
