@@ -51,7 +51,8 @@ def _personal_conflict(c: Any) -> str:
         return ""
     other = [f"fed.strategy={c.fed.strategy}" if st(c, "rank_aware") or st(c, "shaped_like_global") else "",
              "model.client_ranks" if c.model.client_ranks else "", "model.rank_schedule" if c.model.rank_schedule else "",
-             "continual.tasks > 1" if c.continual.tasks > 1 else ""]
+             "continual.tasks > 1" if c.continual.tasks > 1 else "",
+             "clients with different cuts" if mixed_cuts(c.split) else ""]
     return next((o for o in other if o), "")
 
 
@@ -166,6 +167,9 @@ RULES: tuple[Rule, ...] = (
     (lambda c: pz(c, "weights") and not fw(c, "personal_weights"),
      lambda c: f"fed.personalization={c.fed.personalization} keeps part of the uploaded weights: framework="
                f"{frameworks('personal_weights')}; got {c.framework!r}"),
+    (lambda c: pz(c, "cut") and not fw(c, "split_cut"),
+     lambda c: f"fed.personalization={c.fed.personalization} keeps split learning's client part: framework="
+               f"{frameworks('split_cut')}; got {c.framework!r}"),
     (lambda c: pz(c, "head") and not ta(c, "head"),
      lambda c: f"fed.personalization={c.fed.personalization} keeps or shares a classification head: train.task="
                f"{either(TASKS.having('head'))}; got {c.train.task!r}"),

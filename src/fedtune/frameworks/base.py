@@ -271,7 +271,7 @@ class Framework(ABC):
 
     def global_model(self) -> nn.Module:
         """The whole model with the global tunable state loaded (evaluation, saving)."""
-        models.set_tunable(self.tunable_module(), self.global_state)
+        models.set_tunable(self.tunable_module(), self.personal.global_view(self.global_state))
         return self.ctx.model
 
     def state_dict(self) -> dict[str, Any]:

@@ -8,7 +8,8 @@ a framework that uploads the client's tunable weights once a round and lets a me
 (framework trait ``personal_weights``); ``head``: a task with a classification head;
 ``rank``: LoRA factors (model.peft trait ``rank``); ``virtual_tokens``: a soft prompt
 (model.peft trait ``virtual_tokens``); ``halves_rank``: model.lora_r holds a shared and a
-personal adapter of half its rank each (it must be even)."""
+personal adapter of half its rank each (it must be even); ``cut``: split learning's client part
+(framework trait ``split_cut``)."""
 
 from __future__ import annotations
 
@@ -23,8 +24,9 @@ PERSONALIZATION = Registry("fed.personalization", {
     "lora_b": "fedtune.personalization.lora_b:FedSALoRA",
     "dual_lora": "fedtune.personalization.dual_lora:DualLoRA",
     "prompt": "fedtune.personalization.prompt:PersonalPrompt",
+    "client_part": "fedtune.personalization.client_part:ClientPart",
 }, titles={"none": "global", "finetune": "FT", "head": "FedPer", "rep": "FedRep", "ditto": "Ditto",
-           "lora_b": "FedSA-LoRA", "dual_lora": "FedDPA", "prompt": "pFedPrompt"}, traits={
+           "lora_b": "FedSA-LoRA", "dual_lora": "FedDPA", "prompt": "pFedPrompt", "client_part": "split, personal client part"}, traits={
     "finetune": ("weights",),
     "head": ("weights", "head"),
     "rep": ("weights", "head"),
@@ -32,6 +34,7 @@ PERSONALIZATION = Registry("fed.personalization", {
     "lora_b": ("weights", "rank"),
     "dual_lora": ("weights", "rank", "halves_rank"),
     "prompt": ("weights", "head", "virtual_tokens"),
+    "client_part": ("cut",),
 })
 
 PERSONAL = "personal"  # the client's own tensors in its ClientResult.state
