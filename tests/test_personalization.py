@@ -230,9 +230,11 @@ def test_client_test_rows_follow_the_partition_and_never_train(tmp_path):
 
 def test_client_stats_by_hand():
     assert percentile([0.1, 0.5, 0.2, 0.9], 10) == pytest.approx(0.1 + 0.3 * 0.1)
-    stats = client_stats([{"client_test_accuracy": v} for v in (0.5, 0.25, 1.0)] + [{"train_loss": 1}])
+    stats = client_stats([{"client_test_accuracy": v, "client_test_loss": 2 * v} for v in (0.5, 0.25, 1.0)]
+                         + [{"train_loss": 1}])
     assert stats == {"client_test_accuracy_mean": pytest.approx(7 / 12), "client_test_accuracy_worst": 0.25,
-                     "client_test_accuracy_p10": pytest.approx(0.3)}
+                     "client_test_accuracy_p10": pytest.approx(0.3), "client_test_loss_mean": pytest.approx(7 / 6),
+                     "client_test_loss_worst": 2.0}
     assert client_stats([{"train_loss": 1}]) == {}
 
 

@@ -39,6 +39,7 @@ PERSONALIZATION = Registry("fed.personalization", {
 
 PERSONAL = "personal"  # the client's own tensors in its ClientResult.state
 KEY = "client_test_accuracy"  # the client records' score of the model each client uses, on its own rows
+LOSS = "client_test_loss"  # its loss there (sft: the response loss)
 
 
 def make(cfg):
@@ -55,10 +56,14 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def client_stats(records: list[dict]) -> dict[str, float]:
-    """The server record's view of the round's clients' own-test scores: mean, worst, 10th
-    percentile (empty when no client record has one)."""
+    """The server record's view of the round's clients' own-test scores: the accuracy's (or the
+    sft metric's) mean, worst and 10th percentile, the loss's mean and worst (empty when no
+    client record has them)."""
     values = [r[KEY] for r in records if r.get(KEY) is not None]
     if not values:
         return {}
-    return {f"{KEY}_mean": sum(values) / len(values), f"{KEY}_worst": min(values),
-            f"{KEY}_p10": percentile(values, 10)}
+    out = {f"{KEY}_mean": sum(values) / len(values), f"{KEY}_worst": min(values), f"{KEY}_p10": percentile(values, 10)}
+    losses = [r[LOSS] for r in records if r.get(LOSS) is not None]
+    if losses:
+        out.update({f"{LOSS}_mean": sum(losses) / len(losses), f"{LOSS}_worst": max(losses)})
+    return out

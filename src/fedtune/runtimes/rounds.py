@@ -210,7 +210,7 @@ def finish(fw: Framework, rundir: RunDir, wall_seconds: float, client_states: di
     models.save_adapter(fw.global_model(), rundir.path / ADAPTER, fw.ctx.data.label_names, fw.ctx.tokenizer,
                         fw.cfg.model.name)
     server = [r for r in rundir.metrics.records() if r["client"] == "server"]
-    own = {k: v for k, v in server[-1].items() if k.startswith("client_test_accuracy_")} if server else {}
+    own = {k: v for k, v in server[-1].items() if k.startswith("client_test_")} if server else {}
     summary = rundir.write_summary(
         {"framework": fw.cfg.framework, "runtime": fw.cfg.runtime, "model": fw.cfg.model.name,
          "seed": fw.cfg.seed, "wall_seconds": wall_seconds, **own}
