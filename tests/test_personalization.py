@@ -289,3 +289,18 @@ def test_methods_that_do_not_fit_are_one_line_errors(tmp_path, keys, words):
         tiny_config(tmp_path, **{k.replace(".", "__"): v for k, v in keys.items()})
     text = str(err.value)
     assert "\n" not in text and (words in text or words == "personal_weights" and "fedavg" in text)
+
+
+def test_sft_clients_report_their_own_response_loss(tmp_path, capsys):
+    from test_sft import arithmetic, sft_config, write_jsonl
+
+    write_jsonl(tmp_path / "data/train.jsonl", arithmetic(90))
+    write_jsonl(tmp_path / "data/test.jsonl", arithmetic(12, start=200))
+    cfg = sft_config(tmp_path, tmp_path / "data", data__partition="length", data__client_test_size=5,
+                     fed__personalization="dual_lora", model__lora_r=4, eval__metric="none")
+    summary, rd = run_tiny(cfg)
+    clients = [r for r in rd.metrics.records() if r["client"] != "server"]
+    assert all(r["client_test_loss"] > 0 for r in clients)
+    assert summary["client_test_loss_worst"] >= summary["client_test_loss_mean"] > 0
+    assert (rd.path / "adapters" / "client-2" / "adapter_model.safetensors").is_file()
+    assert main(["generate", str(rd.path), "What is 1 plus 1?", "--client", "2", "--max-new-tokens", "3"]) == 0
