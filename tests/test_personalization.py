@@ -304,3 +304,12 @@ def test_sft_clients_report_their_own_response_loss(tmp_path, capsys):
     assert summary["client_test_loss_worst"] >= summary["client_test_loss_mean"] > 0
     assert (rd.path / "adapters" / "client-2" / "adapter_model.safetensors").is_file()
     assert main(["generate", str(rd.path), "What is 1 plus 1?", "--client", "2", "--max-new-tokens", "3"]) == 0
+
+
+def test_a_personal_head_serves_skewed_clients_better_than_the_global_model(tmp_path):
+    """Under strong label skew (Dirichlet 0.1 over 4 labels) each client sees few labels: the
+    model it keeps for itself scores far better on its own rows than the global model does."""
+    skew = dict(data__partition="dirichlet", data__dirichlet_alpha=0.1, data__client_test_size=20, fed__rounds=3)
+    scores = {m: run_tiny(tiny_config(tmp_path / m, fed__personalization=m, **skew))[0]["client_test_accuracy_mean"]
+              for m in ("none", "head", "rep")}
+    assert scores["head"] > scores["none"] + 0.1 and scores["rep"] > scores["none"] + 0.1
