@@ -15,12 +15,14 @@ its round ends."""
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from .. import models
+from ..adapters import lora_state as lora
 from ..strategies.base import split_extras, with_extras
 from ..training import autocast, train_pass
 from ..wire import Message
@@ -101,8 +103,6 @@ class Personalization:
 
 def fit_shapes(fw, state: State) -> State:
     """``state`` zero-padded to the model's LoRA rank where a framework holds smaller ranks."""
-    from ..adapters import lora_state as lora
-
     shapes = getattr(fw, "shapes", None)
     return lora.fit_to(state, shapes) if shapes else state
 
@@ -137,18 +137,17 @@ def personal_train(fw, rnd: int, cid: int, rows, on_grad=None) -> tuple[float, i
     return loss, flops
 
 
-class frozen:
-    """Within the block, the named parameters take no gradient (FedRep's alternating phases)."""
-
-    def __init__(self, module: torch.nn.Module, keep: callable):
-        self.params = [p for n, p in module.named_parameters() if p.requires_grad and keep(n)]
-
-    def __enter__(self):
-        for p in self.params:
-            p.requires_grad_(False)
-
-    def __exit__(self, *exc):
-        for p in self.params:
+@contextmanager
+def frozen(module: torch.nn.Module, which: Callable[[str], bool]):
+    """Within the block, the tunable parameters named by ``which`` take no gradient (FedRep's
+    alternating phases: the optimizer a phase builds holds only the others)."""
+    params = [p for n, p in module.named_parameters() if p.requires_grad and which(n)]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
             p.requires_grad_(True)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 
+from . import PERSONAL
 from .base import WholeModel
 
 
@@ -18,8 +19,6 @@ class Ditto(WholeModel):
     name = "ditto"
 
     def personal_start(self, received, state):
-        from . import PERSONAL
-
         return (state or {}).get(PERSONAL) or received
 
     def rule(self, fw, received):
