@@ -109,6 +109,7 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("prompt", nargs="?", help="the prompt (or use --file)")
     g.add_argument("--file", help="JSONL of prompts: a string, or an object with prompt/question/instruction/messages")
     g.add_argument("--max-new-tokens", type=int, default=256)
+    g.add_argument("--client", type=int, metavar="K", help="answer with client K's personal model (adapters/client-K)")
     from .lm_evaluation import add_parser as add_eval
 
     add_eval(sub)
@@ -117,6 +118,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--merged", required=True, metavar="OUT", help="directory for the model with the adapter merged in")
     e.add_argument("--dtype", default="fp32", choices=("fp32", "bf16", "fp16"),
                    help="the dtype of the written weights (default fp32; the merge itself runs in fp32)")
+    e.add_argument("--client", type=int, metavar="K", help="export client K's personal model (adapters/client-K)")
     a = sub.add_parser("audit", help="a run's privacy audit: the accountant's epsilon beside a measured lower bound")
     a.add_argument("run_dir", help="a finished run directory (with privacy.audit = true for the canary bound)")
     c = sub.add_parser("config", help="list every config key (for --set and config files) with its default")
@@ -313,14 +315,14 @@ def cmd_generate(args) -> int:
     if (args.prompt is None) == (args.file is None):
         raise FedtuneError("give a prompt or --file PROMPTS.jsonl (one of the two)")
     convs = list(read_prompts(args.file)) if args.file else [[{"role": "user", "content": args.prompt}]]
-    generate(args.run_dir, convs, args.max_new_tokens)
+    generate(args.run_dir, convs, args.max_new_tokens, client=args.client)
     return 0
 
 
 def cmd_export(args) -> int:
     from .inference import export
 
-    print(f"exported: {export(args.run_dir, args.merged, args.dtype)}")
+    print(f"exported: {export(args.run_dir, args.merged, args.dtype, args.client)}")
     return 0
 
 

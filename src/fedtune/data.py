@@ -46,6 +46,8 @@ class FedData:
     clients: list[Rows]
     test: Rows
     val: Rows = field(default_factory=lambda: Rows([], []))  # data.val_size rows (none by default)
+    # data.client_test_size > 0: each client's own test rows, held out of its shard (hold_out)
+    client_tests: list[Rows] = field(default_factory=list)
 
     @property
     def num_labels(self) -> int:
@@ -193,8 +195,9 @@ def load(cfg: DataConfig, clients: int, seed: int, public_rows: bool = True) -> 
     pool = Rows([t for t, l in train_rows if l in index], [index[l] for t, l in train_rows if l in index])
     resolve_sizes(cfg, len(pool), len(test), public_rows, str(root))
     public, private, val = public_and_private(pool, set(test.texts), cfg, seed)
-    shards = partition(private, clients, cfg, seed)
-    return FedData(names, public, [private.subset(s) for s in shards], test_subset(test, cfg.test_size), val)
+    shards, tests = hold_out(partition(private, clients, cfg, seed), cfg.client_test_size, seed)
+    return FedData(names, public, [private.subset(s) for s in shards], test_subset(test, cfg.test_size), val,
+                   [private.subset(t) for t in tests])
 
 
 def resolve_sizes(cfg: DataConfig, train_rows: int, test_rows: int | None, public_rows: bool, where: str) -> None:
@@ -314,6 +317,20 @@ def partition(private: Rows, clients: int, cfg: DataConfig, seed: int) -> list[l
                 f"partition={cfg.partition}); use fewer clients, more data or a larger dirichlet_alpha"
             )
     return shards
+
+
+def hold_out(shards: list[list[int]], size: int, seed: int) -> tuple[list[list[int]], list[list[int]]]:
+    """data.client_test_size: each client's own test rows, a seeded draw from its own shard, so
+    they follow the partition rule of its training rows and never overlap them. A client keeps at
+    least half its shard for training: a shard of n rows gives min(size, n // 2) test rows."""
+    if not size:
+        return shards, []
+    train, tests = [], []
+    for c, shard in enumerate(shards):
+        drawn = set(random.Random(f"client-test-{seed}-{c}").sample(shard, min(size, len(shard) // 2)))
+        train.append([i for i in shard if i not in drawn])
+        tests.append(sorted(drawn))
+    return train, tests
 
 
 def test_subset(test: Rows, size: int) -> Rows:

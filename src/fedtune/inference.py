@@ -19,9 +19,10 @@ from . import config as configlib
 from .rundir import ADAPTER, CONFIG, RunDir
 
 
-def trained_adapter(run_dir: str | Path, key: str = ""):
+def trained_adapter(run_dir: str | Path, key: str = "", client: int | None = None):
     """-> (the run's config, its final adapter directory, its label names), or a one-line error
-    (which names ``key``, the config key that pointed here, when there is one)."""
+    (which names ``key``, the config key that pointed here, when there is one). ``client``: that
+    client's personal adapter (adapters/client-K/, fed.personalization) instead of the global one."""
     rundir = RunDir(run_dir)
     where = f"{key}={rundir.path}" if key else str(rundir.path)
     if not (rundir.path / CONFIG).is_file():
@@ -29,18 +30,21 @@ def trained_adapter(run_dir: str | Path, key: str = ""):
     # Inference loads the base in full precision wherever the run trained: a GPU run with bf16
     # or a 4-bit base (QLoRA) still answers, and merges, on a CPU.
     cfg = configlib.build_config(file=rundir.path / CONFIG, overrides={"train.precision": "fp32", "model.quantize": ""})
-    adapter = rundir.path / ADAPTER
+    adapter = rundir.path / ADAPTER if client is None else rundir.path / "adapters" / f"client-{client}"
+    if client is not None and not adapter.is_dir():
+        raise FedtuneError(f"{where}: no personal adapter for client {client} (adapters/client-{client}: the run "
+                           f"needs fed.personalization and a client id below fed.clients={cfg.fed.clients})")
     if not (adapter / "adapter_model.safetensors").is_file():
         raise FedtuneError(f"{where}: no trained adapter (the run has not finished; resume it with --resume)")
     return cfg, adapter, json.loads((adapter / "labels.json").read_text())
 
 
-def load_run(run_dir: str | Path):
-    """-> (config, peft model with the run's final adapter, tokenizer, label names)."""
+def load_run(run_dir: str | Path, client: int | None = None):
+    """-> (config, peft model with the run's final adapter, or client ``client``'s, tokenizer, label names)."""
     from peft import set_peft_model_state_dict
     from safetensors.torch import load_file
 
-    cfg, adapter, labels = trained_adapter(run_dir)
+    cfg, adapter, labels = trained_adapter(run_dir, client=client)
     # The same base as the run (a tiny random model is rebuilt from the run's seed), then the adapter.
     model, tok = models.build(cfg.model, max(len(labels), 1), cfg.seed, cfg.train.task)
     set_peft_model_state_dict(model, load_file(adapter / "adapter_model.safetensors"))
@@ -101,14 +105,15 @@ def read_prompts(path: str | Path) -> Iterator[list[dict]]:
             raise FedtuneError(f"{path}: line {n}: expected a string or an object with prompt, question, instruction or messages")
 
 
-def generate(run_dir: str | Path, conversations: list[list[dict]], max_new_tokens: int = 256, stream=True) -> list[str]:
+def generate(run_dir: str | Path, conversations: list[list[dict]], max_new_tokens: int = 256, stream=True,
+             client: int | None = None) -> list[str]:
     """Greedy answers of the run's model, streamed to stdout as they are written."""
     from transformers import TextStreamer
 
     from .tasks.generate import GenerateTask
     from .tasks.sft import context_note, context_size, fit_context, format_prompt, say_once
 
-    cfg, model, tok, _ = load_run(run_dir)
+    cfg, model, tok, _ = load_run(run_dir, client)
     if cfg.train.task == "classify":
         raise FedtuneError(f"{run_dir}: a classify run predicts labels, it does not generate; use fedtune export")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -137,7 +142,7 @@ def generate(run_dir: str | Path, conversations: list[list[dict]], max_new_token
 EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def export(run_dir: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
+def export(run_dir: str | Path, out: str | Path, dtype: str = "fp32", client: int | None = None) -> Path:
     """A standalone model directory: ``AutoModelForCausalLM`` (sft, generate) or
     ``AutoModelForSequenceClassification`` (classify, with the label names) loads it. The adapter
     is merged in fp32 (whatever train.precision the run trained in), then the whole model is
@@ -147,8 +152,10 @@ def export(run_dir: str | Path, out: str | Path, dtype: str = "fp32") -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FedtuneError(f"{out}: already exists and is not empty")
-    cfg, model, tok, labels = load_run(run_dir)
-    merged = models.merged_model(model).to(EXPORT_DTYPES[dtype])
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def export(run_dir: str | Path, out: str | Path, dtype: str = "fp32", client: int | None = None) -> Path:
     if cfg.train.task == "classify":
         merged.config.id2label = dict(enumerate(labels))
         merged.config.label2id = {n: i for i, n in enumerate(labels)}

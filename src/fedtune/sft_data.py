@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .config import DataConfig
-from .data import TEST_SUBSET_SEED, FedData, Rows, dirichlet_partition, iid_partition, resolve_sizes, val_text
+from .data import (TEST_SUBSET_SEED, FedData, Rows, dirichlet_partition, hold_out, iid_partition, resolve_sizes,
+                   val_text)
 from .errors import FedtuneError
 
 EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
@@ -270,4 +271,5 @@ def load(cfg: DataConfig, clients: int, seed: int, public_rows: bool = True) -> 
                 f"client {c} was left with no data ({len(private)} private rows over {clients} clients, "
                 f"partition={cfg.partition}); use fewer clients, more data or a larger dirichlet_alpha"
             )
-    return FedData([], public, [private.subset(s) for s in shards], test, val)
+    shards, tests = hold_out(shards, cfg.client_test_size, seed)
+    return FedData([], public, [private.subset(s) for s in shards], test, val, [private.subset(t) for t in tests])

@@ -25,6 +25,9 @@ class DataConfig:
     # Validation rows held out of the training pool (seeded by seed), disjoint from the public,
     # private and test rows; every evaluated round then records val_<metric> (0 = none).
     val_size: int = 0
+    # > 0: rows per client held out of its own shard as its own test set (data.hold_out): client
+    # records carry client_test_accuracy of the model that client uses (docs/personalization.md).
+    client_test_size: int = 0
     max_length: int = 80  # tokens per row; longer rows are truncated
     padding: str = "dynamic"  # "dynamic" (pad per batch) or "max_length" (always max_length)
     # "iid", "dirichlet" (label skew, dirichlet_alpha) or "length" (train.task=sft: by response length)
@@ -100,6 +103,8 @@ def validate(cfg: Any) -> None:
                   "data.max_length": d.max_length})
     if d.max_labels < 0:
         raise FedtuneError("data.max_labels must be >= 0")
+    if d.client_test_size < 0:
+        raise FedtuneError(f"data.client_test_size must be >= 0 (0 = no client test rows); got {d.client_test_size}")
     for key in ("public_size", "private_size", "test_size"):
         if getattr(d, key) < -1:
             raise FedtuneError(f"data.{key} must be >= 0, or -1 for auto")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import FedtuneError
+from ..personalization import PERSONALIZATION
 from ..strategies import STRATEGIES
 from .checks import at_least_one
 
@@ -41,6 +42,11 @@ class FedConfig:
     attack: str = ""
     attack_scale: float = 10.0  # scale: the update's factor; gaussian: the noise's std in update RMS units
     malicious_clients: list[int] = field(default_factory=list)  # the attackers' client ids
+    # personalization.PERSONALIZATION (docs/personalization.md): "none", or what each client keeps
+    # for itself (finetune, head, rep, ditto, lora_b, dual_lora, prompt, client_part).
+    personalization: str = "none"
+    personal_epochs: int = 1  # finetune, rep (the head's epochs), ditto: passes over the client's rows
+    ditto_lambda: float = 0.1  # ditto: the personal model's pull lambda/2 ||w_personal - w_global||^2
 
 
 def sampled_clients(f: FedConfig) -> int:
@@ -66,6 +72,11 @@ def validate(cfg: Any) -> None:
     if STRATEGIES.has(f.strategy, "every_client") and f.fraction < 1.0:
         raise FedtuneError(f"fed.strategy={f.strategy} needs fed.fraction=1: every client merges every round's "
                            "stacked adapter")
+    PERSONALIZATION.check("fed.personalization", f.personalization)
+    if f.personal_epochs < 1:
+        raise FedtuneError(f"fed.personal_epochs must be >= 1; got {f.personal_epochs}")
+    if f.ditto_lambda < 0:
+        raise FedtuneError(f"fed.ditto_lambda must be >= 0; got {f.ditto_lambda}")
     _validate_robust(f)
 
 

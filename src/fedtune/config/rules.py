@@ -11,6 +11,7 @@ from typing import Any
 from ..adapters import ADAPTERS
 from ..errors import FedtuneError
 from ..frameworks import FRAMEWORKS
+from ..personalization import PERSONALIZATION
 from ..runtimes import RUNTIMES
 from ..strategies import STRATEGIES
 from ..tasks import TASKS
@@ -33,6 +34,26 @@ def pe(c: Any, trait: str) -> bool:
 
 def ta(c: Any, trait: str) -> bool:
     return TASKS.has(c.train.task, trait)
+
+
+def pz(c: Any, trait: str) -> bool:
+    return PERSONALIZATION.has(c.fed.personalization, trait)
+
+
+def personalizes(c: Any) -> bool:
+    return c.fed.personalization != "none"
+
+
+def _personal_conflict(c: Any) -> str:
+    """What does not combine with a client that keeps part of its state: terms and shapes
+    that a strategy or rank keys build from the whole global state."""
+    if not personalizes(c):
+        return ""
+    other = [f"fed.strategy={c.fed.strategy}" if st(c, "rank_aware") or st(c, "shaped_like_global") else "",
+             "model.client_ranks" if c.model.client_ranks else "", "model.rank_schedule" if c.model.rank_schedule else "",
+             "continual.tasks > 1" if c.continual.tasks > 1 else "",
+             "clients with different cuts" if mixed_cuts(c.split) else ""]
+    return next((o for o in other if o), "")
 
 
 def outputs_only(c: Any) -> bool:
@@ -146,6 +167,30 @@ RULES: tuple[Rule, ...] = (
     (lambda c: c.data.public_skew and not ta(c, "labelled"),
      lambda c: f"data.public_skew works on labelled rows (train.task {either(TASKS.having('labelled'))}); "
                f"got train.task={c.train.task}"),
+    (lambda c: c.data.client_test_size and not fw(c, "client_eval"),
+     lambda c: f"data.client_test_size scores each client's own model on its own rows: framework="
+               f"{frameworks('client_eval')}; got {c.framework!r}"),
+    (lambda c: pz(c, "weights") and not fw(c, "personal_weights"),
+     lambda c: f"fed.personalization={c.fed.personalization} keeps part of the uploaded weights: framework="
+               f"{frameworks('personal_weights')}; got {c.framework!r}"),
+    (lambda c: pz(c, "cut") and not fw(c, "split_cut"),
+     lambda c: f"fed.personalization={c.fed.personalization} keeps split learning's client part: framework="
+               f"{frameworks('split_cut')}; got {c.framework!r}"),
+    (lambda c: pz(c, "head") and not ta(c, "head"),
+     lambda c: f"fed.personalization={c.fed.personalization} keeps or shares a classification head: train.task="
+               f"{either(TASKS.having('head'))}; got {c.train.task!r}"),
+    (lambda c: pz(c, "rank") and not pe(c, "rank"),
+     lambda c: f"fed.personalization={c.fed.personalization} splits LoRA factors: model.peft="
+               f"{either(ADAPTERS.having('rank'))}; got {c.model.peft!r}"),
+    (lambda c: pz(c, "virtual_tokens") and not pe(c, "virtual_tokens"),
+     lambda c: f"fed.personalization={c.fed.personalization} keeps a soft prompt: model.peft="
+               f"{either(ADAPTERS.having('virtual_tokens'))}; got {c.model.peft!r}"),
+    (lambda c: pz(c, "halves_rank") and c.model.lora_r % 2,
+     lambda c: f"fed.personalization={c.fed.personalization} halves model.lora_r into a shared and a personal adapter: "
+               f"it must be even; got {c.model.lora_r}"),
+    (_personal_conflict,
+     lambda c: f"fed.personalization={c.fed.personalization} does not combine with {_personal_conflict(c)} "
+               "(they act on the whole global state, which clients then hold only in part)"),
     (lambda c: c.continual.tasks > 1 and not fw(c, "continual"),
      lambda c: f"continual.tasks > 1 runs under framework {frameworks('continual')}; got {c.framework!r}"),
     (lambda c: c.continual.tasks > 1 and not ta(c, "labelled"),

@@ -27,6 +27,7 @@ from torch import nn
 
 from .. import continual
 from .. import evalsets
+from .. import personalization
 from .. import data as datalib
 from .. import models
 from .. import inference
@@ -127,6 +128,7 @@ class Context:
         ids = {"test": task.encode(fed.test), "public": task.encode(fed.public)}
         ids["val"] = task.encode(fed.val) if len(fed.val) else []
         ids.update({f"client{c}": task.encode(s) for c, s in enumerate(fed.clients)})
+        ids.update({f"client_test{c}": task.encode(s) for c, s in enumerate(fed.client_tests)})
         return cls(cfg, fed, model, tok, device, FlopModel.of(model), ids, task)
 
     def batches(self, key: str, labels: list, batch_size: int, shuffle_seed: int | None = None, limit: int = 0,
@@ -165,6 +167,10 @@ class Context:
                                self.cfg.train.eval_batch_size, self.tokenizer.pad_token_id, d.padding, d.max_length,
                                by_length=True)
 
+    def client_test_batches(self, cid: int):
+        """Client ``cid``'s own test rows (data.client_test_size)."""
+        return self.batches(f"client_test{cid}", self.data.client_tests[cid].labels, self.cfg.train.eval_batch_size)
+
     def public_batches(self, labels: list | None = None):
         labels = labels if labels is not None else self.data.public.labels
         return self.batches("public", labels, self.cfg.train.eval_batch_size)
@@ -181,6 +187,7 @@ class Framework(ABC):
         self.strategy = strategies.make(self.cfg)
         self.central_dp = central_dp.make(self.cfg)  # None unless privacy.central_dp
         self.continual = continual.make(self.cfg, ctx.data)  # None unless continual.tasks > 1
+        self.personal = personalization.make(self.cfg)  # fed.personalization: what clients keep
 
     # ---- server side
     @abstractmethod
@@ -245,6 +252,8 @@ class Framework(ABC):
         rows = self.ctx.client_rows(cid)
         if self.continual:
             return self.continual.fit(self, rnd, msg, state, link, rows)
+        if self.personal.active:
+            return self.personal.fit(self, rnd, cid, msg, state, link, rows)
         return self.fit(rnd, cid, msg, state, link, rows=rows)
 
     @abstractmethod
@@ -301,7 +310,7 @@ class Framework(ABC):
 
     def global_model(self) -> nn.Module:
         """The whole model with the global tunable state loaded (evaluation, saving)."""
-        models.set_tunable(self.tunable_module(), self.global_state)
+        models.set_tunable(self.tunable_module(), self.personal.global_view(self.global_state))
         return self.ctx.model
 
     def state_dict(self) -> dict[str, Any]:

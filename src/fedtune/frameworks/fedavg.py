@@ -26,6 +26,7 @@ class FedAvgFramework(Framework):
         super().__init__(ctx)
         state = models.get_tunable(ctx.model)
         self.shapes = {k: v.shape for k, v in state.items()}  # the model's rank-r_max adapter
+        state = self.personal.start(state)  # without what each client keeps for itself
         self.global_state = lora.resize(state, self.rank(1, 0)) if self.cfg.model.rank_schedule else state
         # FFA-LoRA's frozen A: not sent, but part of every product B A.
         self.frozen = {n: p.detach().clone() for n, p in ctx.model.named_parameters()
@@ -46,7 +47,7 @@ class FedAvgFramework(Framework):
             self.global_state = lora.resize(self.global_state, r, seed=self.cfg.seed, std=1.0 / r)
         # for a rank-r client (FLoRA: a fresh adapter and the stack to merge), with whatever the
         # strategy sends along (SCAFFOLD's c)
-        tunable = self.strategy.for_client(self.global_state, r)
+        tunable = self.personal.down(self.strategy.for_client(self.global_state, r))
         return Message(with_extras(tunable, self.strategy.downlink(self.global_state, cid)))
 
     def fit(self, rnd, cid, msg, state, link, rows=None):  # a2: local fine-tuning
@@ -55,9 +56,10 @@ class FedAvgFramework(Framework):
         tensors = lora.apply_merges(self.ctx.model, tunable)
         r = lora.rank(tensors)
         models.set_tunable(self.ctx.model, lora.fit_to(tensors, self.shapes))
+        seen = self.personal.received(self, cid)  # the global model on the client's own test rows
         guard = ClientGuard(self.cfg, cid, len(rows), state)
         loss, flops = self.local_train(rnd, cid, rule=rule, dp=guard.dp, rows=rows)
-        metrics = {"train_loss": loss, "client_flops": flops, "num_samples": len(rows), **guard.record()}
+        metrics = {"train_loss": loss, "client_flops": flops, "num_samples": len(rows), **seen, **guard.record()}
         # a3: upload the fine-tuned tunable parameters, the client's own rank only (rewritten if
         # this client is a simulated attacker)
         up = models.get_tunable(self.ctx.model)
@@ -78,7 +80,8 @@ class FedAvgFramework(Framework):
 
     def global_model(self):
         # what a client of the model's full rank would hold (FLoRA's: the merged weights, a fresh adapter)
-        state = lora.apply_merges(self.ctx.model, self.strategy.for_client(self.global_state, max_rank(self.cfg.model)))
+        state = lora.apply_merges(self.ctx.model, self.strategy.for_client(self.personal.global_view(self.global_state),
+                                                                          max_rank(self.cfg.model)))
         models.set_tunable(self.ctx.model, lora.fit_to(state, self.shapes))
         return self.ctx.model
 

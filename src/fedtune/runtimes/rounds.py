@@ -22,6 +22,7 @@ from ..console import Progress
 from ..errors import FedtuneError
 from ..frameworks.base import SUMMED, Framework
 from ..metering import measure
+from ..personalization import client_stats
 from ..rundir import ADAPTER, RunDir
 from ..training import derive_seed, seeded
 from ..wire import Message, deserialize, serialize
@@ -122,7 +123,7 @@ def run_rounds(fw: Framework, grid: Grid, rundir: RunDir, progress: Progress | N
     finally:
         progress.stop()
         grid.stop()
-    return finish(fw, rundir, time.perf_counter() - wall)
+    return finish(fw, rundir, time.perf_counter() - wall, states)
 
 
 def serve_fn(fw: Framework) -> Serve:
@@ -191,6 +192,7 @@ def close_round(fw: Framework, rundir: RunDir, rnd: int, uploads: dict[int, tupl
         "round_seconds": time.perf_counter() - started,
         "clients": sorted(uploads),
         **agg,
+        **client_stats([rec for _, rec in uploads.values()]),  # data.client_test_size: clients' own scores
         **(summed.record if summed else {}),
         **(extra or {}),
     }
@@ -219,12 +221,17 @@ def restore(fw: Framework, rundir: RunDir) -> tuple[int, dict]:
     return ckpt["round"] + 1, ckpt["client_states"]
 
 
-def finish(fw: Framework, rundir: RunDir, wall_seconds: float) -> dict[str, Any]:
+def finish(fw: Framework, rundir: RunDir, wall_seconds: float, client_states: dict | None = None) -> dict[str, Any]:
+    """adapter/ (the global model), adapters/client-K/ (each client's personal model, under
+    fed.personalization), summary.json and the adapter README."""
+    fw.personal.save_clients(fw, rundir.path, client_states or {})
     models.save_adapter(fw.global_model(), rundir.path / ADAPTER, fw.ctx.data.label_names, fw.ctx.tokenizer,
                         fw.cfg.model.name)
+    server = [r for r in rundir.metrics.records() if r["client"] == "server"]
+    own = {k: v for k, v in server[-1].items() if k.startswith("client_test_")} if server else {}
     summary = rundir.write_summary(
         {"framework": fw.cfg.framework, "runtime": fw.cfg.runtime, "model": fw.cfg.model.name,
-         "seed": fw.cfg.seed, "wall_seconds": wall_seconds}
+         "seed": fw.cfg.seed, "wall_seconds": wall_seconds, **own}
     )
     rundir.write_adapter_readme(fw.cfg, summary)
     if fw.cfg.privacy.audit:  # canaries were planted: the audit's lower bound beside the accountant's epsilon

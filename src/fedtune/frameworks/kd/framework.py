@@ -20,6 +20,7 @@ from ...privacy.guard import ClientGuard
 from ...adapters import lora_state as lora
 from ...training import derive_seed, make_optimizer, seeded, train_pass
 from ...wire import Message
+from ...personalization.base import evaluate as evaluate_own
 from ..base import ClientResult, ClientRows, Context, Framework
 from .alignment import make_alignment
 from .codecs import class_space, make_codec
@@ -299,13 +300,16 @@ class KDFramework(Framework):
                    if knowledge and cfg.kd.client_kd_weight else None)
         guard = ClientGuard(cfg, cid, len(own), state)
         metrics: dict = {}
+        # on the global test rows; with clients' own test rows (data.client_test_size) those take the name
+        key = "client_global_test_accuracy" if cfg.data.client_test_size else "client_test_accuracy"
         if teacher is not None and cfg.kd.client_eval_size:  # so a teacher that hurts shows
-            metrics["client_test_accuracy_before"] = self.client_accuracy()
+            metrics[f"{key}_before"] = self.client_accuracy()
         metrics.update(self.client_train(rnd, cid, teacher, examples, guard.dp, own))  # b8 + b1
         outputs, public_flops = self.public_outputs(examples)  # b2: this round's public examples only
         outputs = guard.noise_outputs(outputs)  # clipped and noised before they leave the client
         if cfg.kd.client_eval_size:
-            metrics["client_test_accuracy"] = self.client_accuracy()
+            metrics[key] = self.client_accuracy()
+        metrics.update(evaluate_own(self, cid))  # the client's own model is its personal one
         metrics.update(
             num_samples=len(own), client_flops_public=public_flops,
             client_flops=metrics["client_flops_train"] + metrics["client_flops_kd"] + public_flops, **guard.record(),

@@ -87,7 +87,8 @@ class SplitFramework(Framework):
         self.mirror = nn.ModuleList([*glue.client_modules, *glue.blocks[:lo], *copies])
         first = len(glue.client_modules) + lo
         self.copy_keys = {k for k in models.tunable_names(self.mirror) if int(k.split(".")[0]) >= first}
-        self.global_state = models.get_tunable(self.split.client)  # the client part's LoRA
+        # the client part's LoRA (none of it under fed.personalization=client_part: clients keep it)
+        self.global_state = self.personal.start(models.get_tunable(self.split.client))
         # The server keeps its part and its optimizer across clients and rounds.
         self.server_opt = make_optimizer(self.server_part, self.cfg.train)
         self.server_lock = threading.Lock()  # one server part: concurrent clients take turns
