@@ -85,9 +85,9 @@ def test_sweep_resumes_an_interrupted_point_and_reports(tmp_path, monkeypatch):
     fits: list[tuple[str, int]] = []
     fit, aggregate = FedAvgFramework.fit, FedAvgFramework.aggregate
 
-    def counting_fit(self, rnd, cid, *args):
+    def counting_fit(self, rnd, cid, *args, **kwargs):
         fits.append((Path(self.cfg.out).name, rnd))
-        return fit(self, rnd, cid, *args)
+        return fit(self, rnd, cid, *args, **kwargs)
 
     def failing_aggregate(self, rnd, results):
         if self.cfg.out == victim.cfg.out and rnd == 2:
