@@ -152,10 +152,8 @@ def export(run_dir: str | Path, out: str | Path, dtype: str = "fp32", client: in
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FedtuneError(f"{out}: already exists and is not empty")
-EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def export(run_dir: str | Path, out: str | Path, dtype: str = "fp32", client: int | None = None) -> Path:
+    cfg, model, tok, labels = load_run(run_dir, client)
+    merged = models.merged_model(model).to(EXPORT_DTYPES[dtype])
     if cfg.train.task == "classify":
         merged.config.id2label = dict(enumerate(labels))
         merged.config.label2id = {n: i for i, n in enumerate(labels)}
