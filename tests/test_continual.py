@@ -13,6 +13,7 @@ from fedtune.errors import FedtuneError
 from fedtune.frameworks import get
 from fedtune.frameworks.base import ClientResult, Context
 from fedtune.rundir import RunDir
+from fedtune.runtimes.client_states import ClientStates
 from fedtune.runtimes.rounds import MeteredLink
 from fedtune.wire import Message, deserialize, serialize
 
@@ -113,7 +114,7 @@ def test_continual_state_checkpoints_and_resumes_to_the_same_metrics(tmp_path, f
     if method == "replay":  # 5 kept rows of each of the two past tasks
         assert all(r["replay_rows"] == 10 for r in last)
     ckpt = RunDir(tmp_path / "b" / "run").load_checkpoint()
-    for state in ckpt["client_states"].values():
+    for state in ClientStates.of_run(tmp_path / "b" / "run", ckpt).values():
         kept = state["continual"]["memory" if method == "replay" else "ewc"]
         assert len(kept) == 2
     summary = RunDir(tmp_path / "b" / "run").path / "summary.json"

@@ -202,17 +202,28 @@ class KillIn(Progress):
             raise Killed
 
 
-def test_simulation_resume_restores_kd_client_states(tmp_path):
-    """kd's clients keep their local model between rounds on their node. A flower-sim run
-    killed in round 2 and resumed ends with the same metrics as an uninterrupted one: the
-    checkpointed client states went back to the nodes."""
-    kw = dict(framework="kd", fed__rounds=3, kd__client_eval_size=50, data__test_size=100, runtime="flower-sim")
+RESUMED = {
+    "kd": (2, dict(framework="kd", fed__rounds=3, kd__client_eval_size=50, data__test_size=100)),
+    # 2 of 6 clients a round: round 3's client 3 sat out round 2, so its variate comes from disk
+    # (RUN/client_states/3.pt) to its node.
+    "scaffold-sparse": (3, dict(fed__strategy="scaffold", fed__clients=6, fed__fraction=0.34, fed__rounds=4,
+                                data__test_size=50)),
+}
+
+
+@pytest.mark.parametrize("case", list(RESUMED))
+def test_simulation_resume_restores_client_states(tmp_path, case):
+    """kd's clients keep their local model between rounds on their node (SCAFFOLD's their
+    variate). A flower-sim run killed mid-round and resumed ends with the same metrics as an
+    uninterrupted one: the checkpointed client states went back to the nodes."""
+    kill, kw = RESUMED[case]
+    kw = dict(kw, runtime="flower-sim")
     run_tiny(tiny_config(tmp_path / "a", **kw))
     cut = tiny_config(tmp_path / "b", **kw)
     rundir = RunDir.create(cut)
     with pytest.raises(Killed):
-        run(cut, rundir, KillIn(rnd=2, after=1))
-    assert max(r["round"] for r in rundir.metrics.records()) == 2
+        run(cut, rundir, KillIn(rnd=kill, after=1))
+    assert max(r["round"] for r in rundir.metrics.records()) == kill
     reopened, cfg = RunDir.open(rundir.path)
     run(cfg, reopened, resume=True)
     strip = lambda recs: [{k: v for k, v in r.items() if k not in TIMING} for r in recs]  # noqa: E731

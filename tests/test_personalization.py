@@ -93,13 +93,16 @@ def test_method_runs_from_toml_and_resumes_exactly(tmp_path, method):
 
 
 class Capture(InProcessGrid):
-    """The in-process grid, keeping each upload blob."""
+    """The in-process grid, keeping each upload blob and each client's last kept state."""
 
     def fit(self, rnd, blobs, restore, on_reply):
         self.blobs = getattr(self, "blobs", {})
+        self.states = getattr(self, "states", {})
 
         def keep(cid, reply):
             self.blobs[rnd, cid] = reply.blob
+            if reply.state is not None:
+                self.states[cid] = reply.state
             on_reply(cid, reply)
 
         return super().fit(rnd, blobs, restore, keep)

@@ -15,6 +15,7 @@ from fedtune import models
 from fedtune.data import Batch
 from fedtune.errors import FedtuneError
 from fedtune.metering import FlopModel
+from fedtune.runtimes.client_states import ClientStates
 from fedtune.strategies import make
 from fedtune.strategies.base import split_extras, with_extras
 from fedtune.strategies.prox import Proximal
@@ -181,7 +182,7 @@ def test_scaffold_with_zero_variates_and_one_local_step_equals_fedavg(tmp_path):
     assert all(r["bytes_up"] == expected and r["bytes_down"] == expected for r in clients)
     assert payload_bytes(with_extras(state, zeros)) == 2 * payload_bytes(state)
     # Each client kept its own variate (the mean gradient of its one step): client state.
-    states = sca_dir.load_checkpoint()["client_states"]
+    states = ClientStates.of_run(sca_dir.path, sca_dir.load_checkpoint())
     assert sorted(states) == [0, 1, 2] and all(s[STATE_KEY].keys() == state.keys() for s in states.values())
     assert any(v.abs().sum() > 0 for v in states[0][STATE_KEY].values())
 
@@ -206,7 +207,7 @@ def test_split_client_part_runs_scaffold_and_prox(tmp_path):
                       fed__prox_mu=0.1, fed__rounds=2, data__test_size=50)
     summary, rundir = run_tiny(cfg)
     assert summary["rounds"] == 2
-    states = rundir.load_checkpoint()["client_states"]
+    states = ClientStates.of_run(rundir.path, rundir.load_checkpoint())
     assert all(STATE_KEY in s for s in states.values())
     c = rundir.load_checkpoint()["framework"]["strategy"]["c"]
     assert c.keys() == global_state(rundir).keys() and any(v.abs().sum() > 0 for v in c.values())

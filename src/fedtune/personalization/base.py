@@ -15,6 +15,7 @@ its round ends."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable
@@ -83,10 +84,12 @@ class Personalization:
         """A client's whole tunable state: the global shared part with its personal part."""
         return self.merge(self.down(global_state), client_state[PERSONAL])
 
-    def save_clients(self, fw, run: Path, states: dict[int, Any]) -> list[int]:
-        """adapters/client-K/: each client's personal model in PEFT format, with a README line."""
+    def save_clients(self, fw, run: Path, states: Mapping[int, Any]) -> list[int]:
+        """adapters/client-K/: each client's personal model in PEFT format, with a README line.
+        ``states`` may read each state from disk: one is loaded at a time."""
         saved = []
-        for cid, st in sorted(states.items()):
+        for cid in sorted(states):
+            st = states[cid]
             if not st or PERSONAL not in st:
                 continue
             out = run / "adapters" / f"client-{cid}"

@@ -47,6 +47,8 @@ class FlowerGrid:
     that talks per batch trains its clients one after another (its server part learns from each
     batch, so the order of batches is the result)."""
 
+    keeps_states = True  # each SuperNode keeps its client's state; the loop hands it back after --resume only
+
     def __init__(self, grid: Grid, cfg, max_weight: float = 0.0):
         self.grid, self.cfg = grid, cfg
         self.config_json = json.dumps(_to_dict(cfg))

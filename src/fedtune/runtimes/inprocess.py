@@ -13,26 +13,24 @@ from .rounds import Grid, MeteredLink, Serve, run_client, run_rounds
 
 
 class InProcessGrid(Grid):
-    """Runs each sampled client in turn, in this process. Like a node, it keeps each client's
-    state between rounds."""
+    """Runs each sampled client in turn, in this process. It keeps no client state: the round
+    loop's store (memory for the round's clients, disk for the others) hands in each sampled
+    client's state every round, so no second copy of every client's state lives here."""
+
+    keeps_states = False
 
     def __init__(self, fw: Framework, progress: Progress):
         self.fw, self.progress = fw, progress
-        self.states: dict[int, object] = {}
         self.serve: Serve | None = None
 
     def start(self, serve):
         self.serve = serve
 
     def fit(self, rnd, blobs, restore, on_reply):
-        self.states.update(restore)
         for pos, (cid, blob) in enumerate(blobs.items(), 1):
             self.progress.client(rnd, cid, pos, len(blobs))
             link = MeteredLink(lambda b, c=cid: self.serve(rnd, c, b)) if self.serve else None
-            reply = run_client(self.fw, rnd, cid, blob, self.states.get(cid), link)
-            if reply.state is not None:
-                self.states[cid] = reply.state
-            on_reply(cid, reply)
+            on_reply(cid, run_client(self.fw, rnd, cid, blob, restore.pop(cid, None), link))
         return {}
 
 

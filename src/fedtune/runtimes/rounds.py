@@ -6,8 +6,11 @@ comes back; the loop never knows which framework it runs, and the runtime never 
 
 What methods keep between rounds checkpoints here and nowhere else: the framework's
 ``state_dict`` (global state, strategy moments, server optimizer) and each client's state
-(``ClientResult.state``: kd's local model, control variates). A runtime's nodes keep their
-client's state between rounds; after ``--resume`` the loop hands each node the state it had."""
+(``ClientResult.state``: kd's local model, control variates), held by ``ClientStates``: the
+round's clients' states in memory and in the checkpoint, every other client's in its own file
+under RUN/client_states/. Flower's nodes keep their client's state between rounds and get it
+from the loop only after ``--resume``; the in-process grid keeps none and gets the round's states
+every round."""
 
 from __future__ import annotations
 
@@ -26,6 +29,7 @@ from ..personalization import client_stats
 from ..rundir import ADAPTER, RunDir
 from ..training import derive_seed, seeded
 from ..wire import Message, deserialize, serialize
+from .client_states import ClientStates
 
 Serve = Callable[[int, int, bytes], bytes]  # (round, client, request blob) -> reply blob
 
@@ -53,6 +57,8 @@ class Sum:
 class Grid(ABC):
     """How a runtime moves one round's messages."""
 
+    keeps_states = True  # its nodes keep their client's state between rounds (False: the loop hands it in)
+
     def start(self, serve: Serve | None) -> None:
         """Called once before the first round; ``serve`` answers per-batch messages (split
         learning) and is None for frameworks that exchange one message per round."""
@@ -61,8 +67,9 @@ class Grid(ABC):
     def fit(self, rnd: int, blobs: dict[int, bytes], restore: dict[int, Any], on_reply: OnReply) -> dict[int, str]:
         """Deliver each client its blob and run its round; hand each reply to ``on_reply`` as it
         is complete (in the order of ``blobs`` where the runtime can); return the clients that
-        failed, with the reason. ``restore`` holds client states from a checkpoint that the
-        client's node must use instead of its own."""
+        failed, with the reason. ``restore`` holds the client states the client's node must use
+        instead of its own: after ``--resume`` the checkpointed ones; every round, where the grid
+        does not keep states (``keeps_states``), each sampled client's."""
 
     def summed(self) -> Sum | None:
         """After ``fit``: the uploads' weighted mean when the runtime aggregated them securely (the
@@ -89,8 +96,9 @@ def run_rounds(fw: Framework, grid: Grid, rundir: RunDir, progress: Progress | N
                resume: bool = False) -> dict[str, Any]:
     cfg, progress = fw.cfg, progress or Progress()
     wall = time.perf_counter()
-    first, states = restore(fw, rundir) if resume else (1, {})
-    pending = dict(states)  # checkpointed client states not yet handed back to their nodes
+    first, states = restore(fw, rundir) if resume else (1, ClientStates.of_run(rundir.path, None))
+    states.prune()
+    pending = set(states) if grid.keeps_states else set()  # checkpointed states not yet handed back to their nodes
     grid.start(serve_fn(fw) if fw.per_batch else None)
     progress.start(cfg.fed.rounds, first)
     try:
@@ -110,7 +118,7 @@ def run_rounds(fw: Framework, grid: Grid, rundir: RunDir, progress: Progress | N
                 progress.client_done(rnd, cid, reply.record)
                 uploads[cid] = (reply.blob, reply.record)
 
-            errors = grid.fit(rnd, blobs, {cid: pending.pop(cid) for cid in sampled if cid in pending}, on_reply)
+            errors = grid.fit(rnd, blobs, handed(grid, states, pending, sampled), on_reply)
             summed = grid.summed()
             # Aggregation sums in sampled order on every runtime, whatever order replies came in.
             uploads = {cid: uploads[cid] for cid in sampled if cid in uploads}
@@ -124,6 +132,17 @@ def run_rounds(fw: Framework, grid: Grid, rundir: RunDir, progress: Progress | N
         progress.stop()
         grid.stop()
     return finish(fw, rundir, time.perf_counter() - wall, states)
+
+
+def handed(grid: Grid, states: ClientStates, pending: set[int], sampled: list[int]) -> dict[int, Any]:
+    """The states the loop hands the round's nodes: every sampled client's where the grid keeps
+    none itself, else the checkpointed ones its nodes have not had back since ``--resume``."""
+    if grid.keeps_states:
+        cids = [cid for cid in sampled if cid in pending]
+        pending.difference_update(cids)
+    else:
+        cids = [cid for cid in sampled if cid in states]
+    return {cid: states[cid] for cid in cids}
 
 
 def serve_fn(fw: Framework) -> Serve:
@@ -172,7 +191,7 @@ def run_client(fw: Framework, rnd: int, cid: int, down: bytes, state, link: Mete
 
 
 def close_round(fw: Framework, rundir: RunDir, rnd: int, uploads: dict[int, tuple[bytes | None, dict]],
-                started: float, client_states: dict, extra: dict[str, Any] | None = None,
+                started: float, client_states: ClientStates, extra: dict[str, Any] | None = None,
                 summed: Sum | None = None) -> dict[str, Any]:
     """Aggregate, evaluate, log the server record and checkpoint. A secure sum reaches the
     framework as one upload of the total weight (its weighted mean is the mean itself)."""
@@ -197,31 +216,41 @@ def close_round(fw: Framework, rundir: RunDir, rnd: int, uploads: dict[int, tupl
         **(extra or {}),
     }
     rundir.metrics.append(record)
-    rundir.save_checkpoint(rnd, {"framework": fw.state_dict(), "client_states": client_states})
+    save_checkpoint(fw, rundir, rnd, client_states, keep=uploads)
     return record
 
 
-def skip_round(fw: Framework, rundir: RunDir, rnd: int, client_states: dict) -> dict[str, Any]:
+def skip_round(fw: Framework, rundir: RunDir, rnd: int, client_states: ClientStates) -> dict[str, Any]:
     """Log and checkpoint a round no client joined (the model as it was); central DP still counts it."""
     record = {"round": rnd, "framework": fw.cfg.framework, "client": "server", **fw.evaluate(rnd), "clients": [],
               "skipped": "no client joined", **(fw.central_dp.skip() if fw.central_dp else {})}
     rundir.metrics.append(record)
-    rundir.save_checkpoint(rnd, {"framework": fw.state_dict(), "client_states": client_states})
+    save_checkpoint(fw, rundir, rnd, client_states, keep=())
     return record
 
 
-def restore(fw: Framework, rundir: RunDir) -> tuple[int, dict]:
+def save_checkpoint(fw: Framework, rundir: RunDir, rnd: int, client_states: ClientStates, keep) -> None:
+    """The round's checkpoint, once the states of the clients not in ``keep`` are on disk: their
+    files are part of it (ClientStates says why this order keeps resume exact)."""
+    client_states.spill(keep)
+    rundir.save_checkpoint(rnd, {"framework": fw.state_dict(), "clients": client_states.checkpoint()})
+    client_states.drop_stale()
+
+
+def restore(fw: Framework, rundir: RunDir) -> tuple[int, ClientStates]:
     """-> (first round to run, client states) from the run directory's checkpoint."""
     ckpt = rundir.load_checkpoint()
     if ckpt is None:
         rundir.metrics.truncate_after(0)
-        return 1, {}
+        return 1, ClientStates.of_run(rundir.path, None)
+    states = ClientStates.of_run(rundir.path, ckpt)
     fw.load_state_dict(ckpt["framework"])
     rundir.metrics.truncate_after(ckpt["round"])
-    return ckpt["round"] + 1, ckpt["client_states"]
+    return ckpt["round"] + 1, states
 
 
-def finish(fw: Framework, rundir: RunDir, wall_seconds: float, client_states: dict | None = None) -> dict[str, Any]:
+def finish(fw: Framework, rundir: RunDir, wall_seconds: float,
+           client_states: ClientStates | None = None) -> dict[str, Any]:
     """adapter/ (the global model), adapters/client-K/ (each client's personal model, under
     fed.personalization), summary.json and the adapter README."""
     fw.personal.save_clients(fw, rundir.path, client_states or {})
