@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from fedtune import config as configlib  # noqa: E402
 from fedtune import sweep as sweeplib  # noqa: E402
+from fedtune.report import stats  # noqa: E402
 
 STRATEGIES = ["fedavg", "median", "trimmed_mean", "krum", "norm_bound"]
 ATTACKS = ["", "scale", "sign_flip", "gaussian", "label_flip"]
@@ -36,13 +37,14 @@ def load(sweep: Path) -> list[dict]:
         server = [r for r in records if r["client"] == "server" and r["round"] == last][0]
         if cfg["privacy.dp_sgd"]:
             mech, sigma = "DP-SGD", cfg["privacy.noise_multiplier"]
-            eps, delta = max(r["epsilon"] for r in clients), clients[0]["delta"]
+            worst = max(clients, key=lambda r: r["epsilon"])  # the client whose records are least protected
+            eps, delta = worst["epsilon"], worst["delta"]
         elif cfg["privacy.central_dp"]:
             mech, sigma, eps, delta = "central DP", cfg["privacy.update_noise_multiplier"], server["epsilon"], server["delta"]
         else:
             mech, sigma, eps, delta = "none", 0.0, math.inf, None
         found = json.loads((d / "audit.json").read_text()) if (d / "audit.json").is_file() else {}
-        runs.append({"name": d.name, "framework": cfg["framework"], "strategy": cfg["fed.strategy"],
+        runs.append({"name": d.name, "seed": cfg["seed"], "framework": cfg["framework"], "strategy": cfg["fed.strategy"],
                      "attack": cfg["fed.attack"], "mech": mech, "sigma": sigma, "eps": eps, "delta": delta,
                      "audited": bool(cfg.get("privacy.audit")), "audit_eps": found.get("audit_epsilon"),
                      "mia_auc": found.get("mia_auc"),
@@ -57,20 +59,40 @@ def not_run(sweep: Path, runs: list[dict]) -> list[str]:
 
 
 def merged(runs: list[dict]) -> list[dict]:
-    """One row per setting: the seeds' mean accuracy, and each seed's in ``accs``."""
+    """One row per setting: the seeds' mean accuracy with its 95% t interval (``ci``), each seed's
+    accuracy in ``by_seed``, and the paired difference against the same framework without DP
+    (``diff``, over the seeds both ran)."""
     groups: dict[tuple, list[dict]] = {}
     for r in runs:
         groups.setdefault((r["framework"], r["strategy"], r["attack"], r["mech"], r["sigma"], r["audited"]), []).append(r)
     mean = lambda xs: sum(xs) / len(xs) if xs else None  # noqa: E731
-    return [{**rs[0], "acc": mean([r["acc"] for r in rs]), "accs": [r["acc"] for r in rs],
+    rows = [{**rs[0], "acc": mean([r["acc"] for r in rs]), "accs": [r["acc"] for r in rs],
+             "by_seed": {r["seed"]: r["acc"] for r in rs}, "ci": stats.t_interval([r["acc"] for r in rs]),
              "audit_eps": mean([r["audit_eps"] for r in rs if r["audit_eps"] is not None]),
+             "audit_max": max((r["audit_eps"] for r in rs if r["audit_eps"] is not None), default=None),
              "mia_auc": mean([r["mia_auc"] for r in rs if r["mia_auc"] is not None])}
             for rs in groups.values()]
+    base = {r["framework"]: r for r in rows if r["audited"] and r["mech"] == "none" and not r["attack"]}
+    for r in rows:
+        b = base.get(r["framework"])
+        r["diff"] = (stats.paired(r["by_seed"], b["by_seed"]) if r["audited"] and r["mech"] != "none" and b
+                     else None)
+    return rows
 
 
 def pct(r: dict) -> str:
-    each = " (seeds: " + ", ".join(f"{100 * a:.0f}%" for a in r["accs"]) + ")" if len(r["accs"]) > 1 else ""
-    return f"{100 * r['acc']:.1f}%{each}"
+    ci = r["ci"]
+    if ci.n < 2:
+        return f"{100 * r['acc']:.1f}%"
+    return f"{100 * ci.mean:.1f} ± {100 * ci.half:.1f}% ({ci.n} seeds)"
+
+
+def points(diff) -> str:
+    if diff is None:
+        return ""
+    if diff.n < 2:
+        return f"{100 * diff.mean:+.1f}"
+    return f"{100 * diff.mean:+.1f} [{100 * diff.low:+.1f}, {100 * diff.high:+.1f}]"
 
 
 def attack_table(runs: list[dict]) -> list[str]:
@@ -83,13 +105,15 @@ def attack_table(runs: list[dict]) -> list[str]:
 
 
 def dp_table(runs: list[dict]) -> list[str]:
-    rows = ["| framework | mechanism | noise multiplier | epsilon (accountant) | delta | audit lower bound | MIA AUC "
-            "| test accuracy |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| framework | mechanism | noise multiplier | epsilon (accountant) | delta | audit lower bound (mean; max) "
+            "| MIA AUC | test accuracy, mean ± 95% CI | paired difference to no DP, points [95% CI] |",
+            "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda x: "" if x is None else f"{x:.3g}"  # noqa: E731
     for r in sorted(dp_runs(runs), key=lambda r: (r["framework"], r["mech"] != "none", r["mech"], r["sigma"])):
         eps = "inf (no DP)" if r["mech"] == "none" else f"{r['eps']:.3g}"
+        audit = "" if r["audit_eps"] is None else f"{r['audit_eps']:.2f}; {r['audit_max']:.2f}"
         rows.append(f"| {r['framework']} | {r['mech']} | {r['sigma']:g} | {eps} | {fmt(r['delta'])} | "
-                    f"{fmt(r['audit_eps'])} | {fmt(r['mia_auc'])} | {pct(r)} |")
+                    f"{audit} | {fmt(r['mia_auc'])} | {pct(r)} | {points(r['diff'])} |")
     return rows
 
 
@@ -98,28 +122,39 @@ def dp_runs(runs: list[dict]) -> list[dict]:
     return [r for r in runs if r["strategy"] == "fedavg" and not r["attack"] and r["audited"]]
 
 
-def figure(runs: list[dict], path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+def setting(sweep: Path) -> dict:
+    """The experiment's shared setting, read from its first finished point."""
+    d = next(p for p in sorted(sweep.iterdir()) if (p / "summary.json").is_file())
+    cfg = configlib.flatten(configlib.read_tree(d / "config.toml"))
+    clients = cfg["fed.clients"]
+    return {"clients": clients, "rows": cfg["data.private_size"] // clients, "test": cfg["data.test_size"],
+            "rounds": cfg["fed.rounds"], "labels": cfg["data.max_labels"], "batch": cfg["train.batch_size"],
+            "precision": cfg["train.precision"], "canaries": cfg["privacy.audit_canaries"]}
+
+
+def figure(runs: list[dict], path: Path, s: dict) -> None:
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     colors = {"fedavg": "tab:blue", "split": "tab:orange", "kd": "tab:green", "zo": "tab:red"}
     dp = dp_runs(runs)
-    def seeds(fw: str, mech: str) -> str:
-        n = max(len(r["accs"]) for r in dp if r["framework"] == fw and r["mech"] == mech)
-        return f" (mean of {n} seeds)" if n > 1 else ""
-
     for (fw, mech) in sorted({(r["framework"], r["mech"]) for r in dp}):
-        pts = sorted((r["eps"], r["acc"]) for r in dp if r["framework"] == fw and r["mech"] == mech)
+        pts = sorted((r for r in dp if r["framework"] == fw and r["mech"] == mech), key=lambda r: r["eps"])
+        n = max(r["ci"].n for r in pts)
         if mech == "none":
-            ax.axhline(100 * pts[0][1], color=colors[fw], ls=":", lw=1, label=f"{fw}, no DP" + seeds(fw, mech))
+            ax.axhline(100 * pts[0]["acc"], color=colors[fw], ls=":", lw=1, label=f"{fw}, no DP ({n} seeds)")
             continue
-        ax.plot([e for e, _ in pts], [100 * a for _, a in pts], marker="o" if mech == "DP-SGD" else "s",
-                ls="-" if mech == "DP-SGD" else "--", color=colors[fw], label=f"{fw}, {mech}" + seeds(fw, mech))
-    ax.axhline(10, color="gray", ls="-.", lw=1, label="chance (10 intents)")
+        err = [100 * (r["ci"].half if r["ci"].n > 1 else 0.0) for r in pts]
+        ax.errorbar([r["eps"] for r in pts], [100 * r["acc"] for r in pts], yerr=err, capsize=3,
+                    marker="o" if mech == "DP-SGD" else "s", ls="-" if mech == "DP-SGD" else "--",
+                    color=colors[fw], label=f"{fw}, {mech} ({n} seeds)")
+    ax.axhline(100 / s["labels"], color="gray", ls="-.", lw=1, label=f"chance ({s['labels']} intents)")
     ax.set_xscale("log")
-    ax.set_xlabel("epsilon at the end of the run (log scale; DP-SGD: record level, delta=1/200; central: client level, delta=1/50)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Privacy against accuracy: MiniLM, Banking77 (10 intents), 5 clients, 2 rounds", fontsize=10)
+    ax.set_xlabel(f"epsilon at the end of the run (log scale; DP-SGD: a record, delta = 1/(10 n), n ~ {s['rows']} rows; "
+                  f"central DP: a client, delta = 1/{10 * s['clients']})")
+    ax.set_ylabel("test accuracy (%), mean and 95% CI over seeds")
+    ax.set_title(f"Accuracy against epsilon: MiniLM-L6 + LoRA, Banking77 ({s['labels']} intents), "
+                 f"{s['clients']} clients x {s['rows']} rows, {s['rounds']} rounds", fontsize=10)
     ax.xaxis.label.set_size(8)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
@@ -132,7 +167,8 @@ def main() -> None:
     runs = load(args.sweep)
     settings = merged(runs)
     args.out.mkdir(parents=True, exist_ok=True)
-    figure(settings, args.out / "accuracy_vs_epsilon.png")
+    s = setting(args.sweep)
+    figure(settings, args.out / "accuracy_vs_epsilon.png", s)
     (args.out / "runs.json").write_text(json.dumps(runs, indent=1))
     text = [
         "# Privacy and robustness, measured",
@@ -142,10 +178,11 @@ def main() -> None:
         f"python benchmarks/privacy_report.py {args.sweep} --out {args.out}",
         "```",
         "",
-        "Setting (experiments/privacy.toml): MiniLM-L6 with LoRA r=8, Banking77's 10 most frequent intents "
-        "(chance 10%), 5 clients x 20 private rows, 100 test rows, 2 rounds, batch 16, seed 0 (more seeds "
-        "where listed: the mean, then each seed). Small on purpose: it ran on a 2-core CPU shared by many jobs; with "
-        "100 test rows, differences of a few points are noise.",
+        f"Setting (experiments/privacy.toml): MiniLM-L6 with LoRA r=8, Banking77's {s['labels']} most frequent "
+        f"intents (chance {100 / s['labels']:.0f}%), {s['clients']} clients x {s['rows']} private rows, {s['test']} test "
+        f"rows, {s['rounds']} rounds, batch {s['batch']}, {s['precision']} frozen base; 3 seeds for the privacy points "
+        "(mean ± 95% t interval over the seeds, and the paired difference against the same framework without DP "
+        "over the same seeds), seed 0 for the attacks. A point is one process with one thread on a 2-core CPU.",
         "",
         "## Accuracy under attack (fedavg, 1 of 5 clients malicious)",
         "",
@@ -156,12 +193,16 @@ def main() -> None:
         "",
         "## Accuracy against epsilon",
         "",
-        "DP-SGD: `privacy.clip` = 1, Poisson sampling, epsilon of a client's records (20 rows, delta = 1/(10 x 20)) "
-        "after its steps at sampling rate 16/20 (kd too: its public rows ride in the same steps, unclipped, and cost no "
-        "epsilon; docs/privacy.md). Central DP: `privacy.update_clip` = 5, epsilon of a whole client (delta = 1/50) "
-        "after 2 rounds of Poisson participation at rate 1. Both from Opacus's RDP accountant. Audit lower bound: the "
-        "one-run audit (Steinke, Nasr & Jagielski, 2023) over 20 canaries, 95% confidence, mean over seeds; MIA AUC: "
-        "loss-based membership inference, training rows against test rows (0.5 = no signal).",
+        f"DP-SGD: `privacy.clip` = 1, Poisson sampling (each record joins each step with probability "
+        f"q = {s['batch']}/{s['rows']}; the noised sum is divided by the expected batch), epsilon of one record of the "
+        f"least protected client (delta = 1/(10 n), n its ~{s['rows']} rows with the canaries planted in it) "
+        "after its steps; under kd the public rows ride in the same steps, "
+        "unclipped, and cost no epsilon (docs/privacy.md). Central DP (DP-FedAvg): `privacy.update_clip` = 5, "
+        f"epsilon of a whole client (delta = 1/(10 x {s['clients']})) after {s['rounds']} rounds of Poisson "
+        "participation at rate `fed.fraction` = 1. Both from Opacus's RDP accountant. Audit lower bound: the one-run "
+        f"audit (Steinke, Nasr & Jagielski, 2023) over {s['canaries']} canaries (each planted or held out by a fair "
+        "coin), 95% confidence, the mean over the seeds and the largest seed; MIA AUC: loss-based membership "
+        "inference, 200 training rows against 200 test rows (0.5 = no signal), mean over the seeds.",
         "",
         *dp_table(settings),
         "",

@@ -194,6 +194,17 @@ def test_a_round_no_client_joined_is_logged_skipped_and_resumes(tmp_path):
     assert [r["round"] for r in a if r["client"] != "server"] == [2, 4, 5, 6, 6]
 
 
+def test_audit_p_value_delta_term_matches_the_theorem_by_hand():
+    # m = r = 2 canaries, v = 2 right. eps = 0: q = 1/2, beta = P[Bin(2, 1/2) >= 2] = 1/4; the
+    # delta term's alpha = max_i P[2 > Bin >= 2 - i] / i = max(1/2, 3/4 / 2) = 1/2, times 2 m delta.
+    assert audit.p_value(2, 2, 2, 0.0, 0.1) == pytest.approx(0.25 + 0.5 * 0.1 * 2 * 2)
+    # eps = ln 3: q = 3/4, beta = 9/16; alpha = max(P[Bin = 1], (P[Bin = 1] + P[Bin = 0]) / 2) = 3/8
+    assert audit.p_value(2, 2, 2, math.log(3), 0.01) == pytest.approx(9 / 16 + 3 / 8 * 0.01 * 2 * 2)
+    assert audit.p_value(2, 2, 2, 0.0, 0.5) == 1.0  # a p-value is capped at 1
+    # a larger delta can only weaken the bound the same guesses prove
+    assert audit.epsilon_lower_bound(60, 30, 28, 1e-3) < audit.epsilon_lower_bound(60, 30, 28, 0.0)
+
+
 def test_audit_bound_matches_the_closed_form_and_grows_with_correct_guesses():
     # all r guesses right, delta 0: the bound solves q^r = p with q = e^eps / (1 + e^eps)
     q = 0.05 ** (1 / 30)

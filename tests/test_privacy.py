@@ -11,6 +11,7 @@ from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from fedtune import models
 from fedtune.config import RunConfig
 from fedtune.errors import FedtuneError
+from fedtune.frameworks import FRAMEWORKS
 from fedtune.frameworks.base import Context
 from fedtune.privacy import dp_sgd
 from fedtune.privacy.accounting import Accountant
@@ -154,6 +155,19 @@ def test_every_framework_reports_a_growing_epsilon(tmp_path, framework):
     assert by_client[1]["sample_rate"] == 8 / 20 and by_client[1]["accountant"] == "rdp"
     if framework == "kd":  # round 2 distilled under DP-SGD (kd.client_kd_weight = 0.5 by default)
         assert by_client[1]["client_kd_loss"] > 0 and by_client[1]["client_flops_kd"] > 0
+
+
+@pytest.mark.parametrize("framework", [f for f in FRAMEWORKS.names if not FRAMEWORKS.has(f, "uploads_outputs")
+                                       or FRAMEWORKS.has(f, "uploads_weights")])
+def test_every_framework_that_takes_central_dp_reports_its_epsilon(tmp_path, framework):
+    """No framework accepts privacy.central_dp and ignores it: every round's server record carries
+    the accountant's growing epsilon at delta = 1/(10 x clients)."""
+    cfg = tiny_config(tmp_path, framework=framework, privacy__central_dp=True, privacy__update_noise_multiplier=1.0,
+                      split__split_layer=1, zo__steps=4)
+    _, rundir = run_tiny(cfg)
+    server = [r for r in records(rundir) if r["client"] == "server"]
+    assert [r["dp_steps"] for r in server] == [1, 2] and server[0]["delta"] == 1 / (10 * cfg.fed.clients)
+    assert 0 < server[0]["epsilon"] < server[1]["epsilon"] < math.inf
 
 
 def test_dp_and_attack_keys_resume_to_the_same_metrics(tmp_path):

@@ -94,6 +94,28 @@ def test_malformed_uploads_are_rejected_and_the_rest_aggregated(tmp_path):
     assert record["zo_seeds_used"] == 2
 
 
+def test_central_dp_clips_each_clients_seed_space_contribution_and_noises_every_seed(tmp_path):
+    """privacy.central_dp under zo: client i's round contribution v_i[j] (the sum of its g with
+    seed j) is clipped to update_clip in L2, the clipped v_i are summed, N(0, (sigma x clip)^2)
+    lands on all K seeds, and the sum is divided by the expected clients (fraction x clients)."""
+    cfg = dict(framework="zo", zo__seeds=8, fed__clients=4, privacy__central_dp=True, privacy__update_clip=2.0)
+    msgs = {0: Message({"seed": torch.tensor([3, 3, 5], dtype=torch.int32), "grad": torch.tensor([3.0, 1.0, 3.0])}),
+            1: Message({"seed": torch.tensor([1], dtype=torch.int32), "grad": torch.tensor([-1.0])})}
+    results = {cid: (m, {"num_samples": 10 * (cid + 1)}) for cid, m in msgs.items()}
+    fw = ZOFramework(Context.build(tiny_config(tmp_path, privacy__update_noise_multiplier=0.0, **cfg)))
+    record = fw.aggregate(1, results)
+    # v_0 = 4 e_3 + 3 e_5 (norm 5) -> x 2/5; v_1 = -e_1 (norm 1) stays; every client weighs 1, over 4 expected
+    assert fw.pool.tolist() == pytest.approx([0, -1 / 4, 0, 1.6 / 4, 0, 1.2 / 4, 0, 0])
+    assert record["epsilon"] == math.inf and record["dp_steps"] == 1 and record["sample_rate"] == 1.0
+    noised = ZOFramework(Context.build(tiny_config(tmp_path, privacy__update_noise_multiplier=1.0, **cfg)))
+    record = noised.aggregate(1, results)
+    assert int(noised.pool.count_nonzero()) == 8 and 0 < record["epsilon"] < math.inf  # no seed is left bare
+    state = noised.state_dict()  # the accountant resumes with the pool
+    again = ZOFramework(Context.build(tiny_config(tmp_path, privacy__update_noise_multiplier=1.0, **cfg)))
+    again.load_state_dict(state)
+    assert again.central_dp.record() == noised.central_dp.record()
+
+
 def test_bytes_per_round_are_the_pairs_sent(tmp_path):
     steps = 12
     summary, rundir = run_tiny(tiny_config(tmp_path, framework="zo", zo__steps=steps))

@@ -170,12 +170,27 @@ class ZOFramework(Framework):
     def aggregate(self, rnd, results):
         rejected = {str(cid): why for cid, (msg, _) in results.items() if (why := self.check(msg))}
         kept = [(msg, metrics) for cid, (msg, metrics) in results.items() if str(cid) not in rejected]
-        total = sum(metrics["num_samples"] for _, metrics in kept)
-        for msg, metrics in kept:  # sampled order: the same sums on every runtime
-            weight = metrics["num_samples"] / total
-            self.pool.index_add_(0, msg.tensors["seed"].long(), msg.tensors["grad"].double() * weight)
         record = {"rejected": rejected} if rejected else {}
+        if self.central_dp:
+            record.update(self.add_private(kept))
+        else:
+            total = sum(metrics["num_samples"] for _, metrics in kept)
+            for msg, metrics in kept:  # sampled order: the same sums on every runtime
+                weight = metrics["num_samples"] / total
+                self.pool.index_add_(0, msg.tensors["seed"].long(), msg.tensors["grad"].double() * weight)
         return {**record, "zo_seeds_used": int(self.pool.count_nonzero()), "server_flops": self.build_global()}
+
+    def add_private(self, kept: list) -> dict:
+        """privacy.central_dp: the pool is all the server releases and the model is a function of it
+        (the seeds are public), so DP-FedAvg runs on each client's round contribution in seed space,
+        v_i[j] = the sum of its g with seed j: clipped, summed, noised in all K coordinates (which seeds
+        were touched would tell who joined) and divided by the expected clients a round."""
+        zero = torch.zeros_like(self.pool)
+        contributions = [({"pool": zero.clone().index_add_(0, msg.tensors["seed"].long(), msg.tensors["grad"].double())},
+                          1.0) for msg, _ in kept]
+        [(mean, _)], record = self.central_dp.privatize({"pool": zero}, contributions)
+        self.pool += mean["pool"]
+        return record
 
     def build_global(self) -> int:
         """The server's own c1, once per round -> FLOPs."""
@@ -240,8 +255,13 @@ class ZOFramework(Framework):
 
     # ---- checkpointing: the pool is everything the server knows
     def state_dict(self):
-        return {"pool": self.pool.clone()}
+        state = {"pool": self.pool.clone()}
+        if self.central_dp:
+            state["central_dp"] = self.central_dp.state_dict()
+        return state
 
     def load_state_dict(self, state):
         self.pool = state["pool"].clone()
         self.built = None
+        if self.central_dp:
+            self.central_dp.load_state_dict(state["central_dp"])
