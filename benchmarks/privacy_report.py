@@ -133,7 +133,7 @@ def setting(sweep: Path) -> dict:
 
 
 def figure(runs: list[dict], path: Path, s: dict) -> None:
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig, ax = plt.subplots(figsize=(9, 5))
     colors = {"fedavg": "tab:blue", "split": "tab:orange", "kd": "tab:green", "zo": "tab:red"}
     dp = dp_runs(runs)
     for (fw, mech) in sorted({(r["framework"], r["mech"]) for r in dp}):
@@ -154,7 +154,7 @@ def figure(runs: list[dict], path: Path, s: dict) -> None:
     ax.set_title(f"Accuracy against epsilon: MiniLM-L6 + LoRA, Banking77 ({s['labels']} intents), "
                  f"{s['clients']} clients x {s['rows']} rows, {s['rounds']} rounds", fontsize=10)
     ax.xaxis.label.set_size(8)
-    ax.legend(fontsize=7, ncol=2)
+    ax.legend(fontsize=7, ncol=2, loc="center left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
