@@ -90,6 +90,23 @@ def table(methods: dict[str, dict[int, dict]], key: str) -> list[str]:
     return rows
 
 
+def headline(found: dict[tuple, dict]) -> list[str]:
+    """The README's table: client mean accuracy with its paired difference to none, per alpha."""
+    alphas = sorted(a for g, a in found if g == "lora")
+    rows = ["| method | " + " | ".join(f"alpha {a:g}: client mean (%) | diff. to none [95% CI]" for a in alphas)
+            + " | MB up / client / round |", "|---" * (1 + 2 * len(alphas) + 1) + "|"]
+    for m in sorted({m for a in alphas for m in found["lora", a]}, key=ORDER.index):
+        cells = []
+        for a in alphas:
+            runs, base = found["lora", a].get(m, {}), found["lora", a].get("none", {})
+            diff = "baseline" if m == "none" else diff_cell(runs, base, "client_test_accuracy_mean")[0]
+            cells += [cell(runs, "client_test_accuracy_mean") if runs else "", diff]
+        any_runs = next(found["lora", a][m] for a in alphas if m in found["lora", a])
+        mb = sum(r["mb_up_per_client_per_round"] for r in any_runs.values()) / len(any_runs)
+        rows.append(f"| {m} | " + " | ".join(cells) + f" | {mb:.3f} |")
+    return rows
+
+
 def split_table(methods: dict[str, dict[int, dict]]) -> list[str]:
     rows = ["| method | seeds | global test (%) | paired diff. to none, points [95% CI] | verdict "
             "| MB up / client / round | client GFLOPs / round |", "|---" * 7 + "|"]
@@ -203,6 +220,8 @@ def main() -> None:
                  "shared server part learned on its own; the bytes show what keeping the client part saves.", ""]
         for alpha in sorted(a for g, a in found if g == "split"):
             text += [f"### Dirichlet alpha = {alpha:g}", "", *split_table(found["split", alpha]), ""]
+    if any(k[0] == "lora" for k in found):
+        text += ["## Headline (grid `lora`)", "", *headline(found), ""]
     (args.out / "report.md").write_text("\n".join(text))
     (args.out / "runs.json").write_text(json.dumps([{k: v for k, v in r.items() if k != "cfg"} for r in runs], indent=1))
 
