@@ -73,6 +73,13 @@ def diff_cell(by_seed: dict[int, dict], base: dict[int, dict], key: str) -> tupl
     return f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]", stats.verdict(d)
 
 
+def costs(runs: dict[int, dict]) -> str:
+    """MB up per client per round and client GFLOPs per round, means over seeds (table cells)."""
+    mb = sum(r["mb_up_per_client_per_round"] for r in runs.values()) / len(runs)
+    gf = sum(r["gflops_per_client_per_round"] for r in runs.values()) / len(runs)
+    return f"{mb:.3f} | {gf:.0f}"
+
+
 def table(methods: dict[str, dict[int, dict]], key: str) -> list[str]:
     """One row per method: its figures and the paired difference in ``key`` against ``none``."""
     head = ("| method | seeds | client mean (%) | paired diff. to none, points [95% CI] | verdict | worst client (%) "
@@ -82,11 +89,9 @@ def table(methods: dict[str, dict[int, dict]], key: str) -> list[str]:
     for m in sorted(methods, key=ORDER.index):
         runs = methods[m]
         diff, word = ("baseline", "") if m == "none" else diff_cell(runs, base, key)
-        mb = sum(r["mb_up_per_client_per_round"] for r in runs.values()) / len(runs)
-        gf = sum(r["gflops_per_client_per_round"] for r in runs.values()) / len(runs)
         rows.append(f"| {m} | {len(runs)} | {cell(runs, 'client_test_accuracy_mean')} | {diff} | {word} | "
                     f"{cell(runs, 'client_test_accuracy_worst')} | {cell(runs, 'client_test_accuracy_p10')} | "
-                    f"{cell(runs, 'final_test_accuracy')} | {mb:.3f} | {gf:.0f} |")
+                    f"{cell(runs, 'final_test_accuracy')} | {costs(runs)} |")
     return rows
 
 
@@ -114,9 +119,7 @@ def split_table(methods: dict[str, dict[int, dict]]) -> list[str]:
     for m in sorted(methods, key=ORDER.index):
         runs = methods[m]
         diff, word = ("baseline", "") if m == "none" else diff_cell(runs, base, "final_test_accuracy")
-        mb = sum(r["mb_up_per_client_per_round"] for r in runs.values()) / len(runs)
-        gf = sum(r["gflops_per_client_per_round"] for r in runs.values()) / len(runs)
-        rows.append(f"| {m} | {len(runs)} | {cell(runs, 'final_test_accuracy')} | {diff} | {word} | {mb:.3f} | {gf:.0f} |")
+        rows.append(f"| {m} | {len(runs)} | {cell(runs, 'final_test_accuracy')} | {diff} | {word} | {costs(runs)} |")
     return rows
 
 
