@@ -329,6 +329,9 @@ def test_kd_run_learns_and_meters_honestly(tmp_path):
         assert 0.0 <= r["client_test_accuracy"] <= 1.0
         assert ("client_test_accuracy_before" in r) == ("client_kd_confidence" in r) == (r["round"] > 1)
     assert all(s["kd_rows_kept"] == 200 for s in server)
+    # the diagnostics: the teacher's and the distilled server model's top class against the public labels
+    assert all(0.0 <= s["kd_teacher_public_accuracy"] <= 1.0 and 0.0 <= s["kd_server_public_accuracy"] <= 1.0
+               for s in server)
     # The FLOPs are exactly those of the batches the client ran: its private batches (forward and
     # backward), its public slices (forward and backward) and the public forward pass, by shape.
     ctx = Context.build(cfg)
@@ -418,3 +421,18 @@ def test_class_merge_runs_and_is_validated(tmp_path):
     assert server[1]["server_flops"] > server[0]["server_flops"]  # round 2 also runs the server on the rows: its prior
     with pytest.raises(FedtuneError, match="kd.topk_merge=class"):
         tiny_config(tmp_path, framework="kd", kd__topk_merge="class")
+
+
+def test_public_accuracy_diagnostic_is_the_share_of_rows_whose_top_class_is_the_label():
+    from types import SimpleNamespace
+
+    from fedtune.frameworks.kd.framework import KDFramework
+
+    data = SimpleNamespace(num_labels=3, public=SimpleNamespace(labels=[0, 1, 2, 1, 0]))
+    fw = SimpleNamespace(ctx=SimpleNamespace(task=SimpleNamespace(name="classify"), data=data))
+    probs = torch.tensor([[0.1, 0.8, 0.1], [0.2, 0.7, 0.1], [0.6, 0.3, 0.1]])  # top classes 1, 1, 0
+    got = KDFramework.public_accuracy(fw, "acc", probs, torch.tensor([1, 3, 4]))  # labels 1, 1, 0
+    assert got == {"acc": 1.0}
+    got = KDFramework.public_accuracy(fw, "acc", probs, torch.tensor([0, 1, 2]))  # labels 0, 1, 2: one hit
+    assert got["acc"] == pytest.approx(1 / 3)
+    assert KDFramework.public_accuracy(fw, "acc", torch.zeros(3, 4), torch.tensor([0, 1, 2])) == {}  # top-k buckets

@@ -199,6 +199,7 @@ class KDFramework(Framework):
         record.update(refined.record)
         self.scores = self.selector.after_uploads(self.scores, examples, got["probs"], self.row_count)
         teacher = self.full(rows, refined.teacher)
+        record.update(self.public_accuracy("kd_teacher_public_accuracy", refined.teacher, examples))
         keep = torch.zeros(self.rows, dtype=torch.bool)
         keep[rows] = refined.keep
         weight = self.weights(teacher, keep)
@@ -222,6 +223,7 @@ class KDFramework(Framework):
         if not (cfg.client_kd_weight or self.selector.needs_global_outputs):
             return 0
         outputs, flops = self.public_outputs()
+        record.update(self.public_accuracy("kd_server_public_accuracy", outputs, torch.arange(len(self.row_count))))
         self.scores = self.selector.after_global(self.scores, outputs, self.row_count)
         if cfg.client_kd_weight:
             sent = outputs[self.rows_of(self.selection(rnd + 1))]
@@ -230,6 +232,15 @@ class KDFramework(Framework):
             if error is not None:
                 record["server_logit_rank_error"] = error
         return flops
+
+    def public_accuracy(self, key: str, probs: torch.Tensor, examples: torch.Tensor) -> dict[str, float]:
+        """A diagnostic for the server record, which the protocol never uses (kd's public rows are
+        unlabeled to it): how often ``probs``' top class is the public example's label
+        (classification with full distributions only; empty otherwise)."""
+        if self.ctx.task.name != "classify" or probs.shape[-1] != self.ctx.data.num_labels:
+            return {}
+        labels = torch.tensor([self.ctx.data.public.labels[i] for i in examples.tolist()])
+        return {key: float((probs.argmax(-1) == labels).float().mean())}
 
     def align(self, examples: torch.Tensor, pooled: torch.Tensor | None, record: dict) -> torch.Tensor:
         """kd.align: each selected public row's weight in b5, from the clients' pooled label
