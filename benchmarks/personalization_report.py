@@ -56,28 +56,34 @@ def groups(runs: list[dict]) -> dict[tuple, dict[str, dict[int, dict]]]:
     return out
 
 
-def cell(by_seed: dict[int, dict], key: str) -> str:
+def cell(by_seed: dict[int, dict], key: str, scale: float = 100, digits: int = 1) -> str:
+    """Mean ± the 95% t half-width over seeds (accuracies in %, scale 100; losses as they are)."""
     values = [r[key] for r in by_seed.values() if r.get(key) is not None]
     if not values:
         return "not measured"
     ci = stats.t_interval(values)
-    return f"{100 * ci.mean:.1f} ± {100 * ci.half:.1f}" if ci.n > 1 else f"{100 * ci.mean:.1f}"
+    mean, half = scale * ci.mean, scale * ci.half
+    return f"{mean:.{digits}f} ± {half:.{digits}f}" if ci.n > 1 else f"{mean:.{digits}f}"
 
 
-def diff_cell(by_seed: dict[int, dict], base: dict[int, dict], key: str) -> tuple[str, str]:
+def diff_cell(by_seed: dict[int, dict], base: dict[int, dict], key: str, scale: float = 100,
+              digits: int = 1) -> tuple[str, str]:
     mine = {s: r[key] for s, r in by_seed.items() if r.get(key) is not None}
     theirs = {s: r[key] for s, r in base.items() if r.get(key) is not None}
     d = stats.paired(mine, theirs)
     if d.n < 2:
         return "", ""
-    return f"{100 * d.mean:+.1f} [{100 * d.low:+.1f}, {100 * d.high:+.1f}]", stats.verdict(d)
+    f = lambda x: f"{scale * x:+.{digits}f}"  # noqa: E731
+    return f"{f(d.mean)} [{f(d.low)}, {f(d.high)}]", stats.verdict(d)
+
+
+def mean_of(runs: dict[int, dict], key: str) -> float:
+    return sum(r[key] for r in runs.values()) / len(runs)
 
 
 def costs(runs: dict[int, dict]) -> str:
     """MB up per client per round and client GFLOPs per round, means over seeds (table cells)."""
-    mb = sum(r["mb_up_per_client_per_round"] for r in runs.values()) / len(runs)
-    gf = sum(r["gflops_per_client_per_round"] for r in runs.values()) / len(runs)
-    return f"{mb:.3f} | {gf:.0f}"
+    return f"{mean_of(runs, 'mb_up_per_client_per_round'):.3f} | {mean_of(runs, 'gflops_per_client_per_round'):.0f}"
 
 
 def table(methods: dict[str, dict[int, dict]], key: str) -> list[str]:
@@ -107,8 +113,7 @@ def headline(found: dict[tuple, dict]) -> list[str]:
             diff = "baseline" if m == "none" else diff_cell(runs, base, "client_test_accuracy_mean")[0]
             cells += [cell(runs, "client_test_accuracy_mean") if runs else "", diff]
         any_runs = next(found["lora", a][m] for a in alphas if m in found["lora", a])
-        mb = sum(r["mb_up_per_client_per_round"] for r in any_runs.values()) / len(any_runs)
-        rows.append(f"| {m} | " + " | ".join(cells) + f" | {mb:.3f} |")
+        rows.append(f"| {m} | " + " | ".join(cells) + f" | {mean_of(any_runs, 'mb_up_per_client_per_round'):.3f} |")
     return rows
 
 
@@ -123,12 +128,6 @@ def split_table(methods: dict[str, dict[int, dict]]) -> list[str]:
     return rows
 
 
-def loss_cell(by_seed: dict[int, dict], key: str) -> str:
-    values = [r[key] for r in by_seed.values() if r.get(key) is not None]
-    ci = stats.t_interval(values)
-    return f"{ci.mean:.3f} ± {ci.half:.3f}" if ci.n > 1 else f"{ci.mean:.3f}"
-
-
 def sft_table(methods: dict[str, dict[int, dict]]) -> list[str]:
     """The sft setting: each client's response loss on its own rows (lower is better, so a method
     wins when its paired difference to none lies below zero)."""
@@ -138,15 +137,11 @@ def sft_table(methods: dict[str, dict[int, dict]]) -> list[str]:
     base = methods.get("none", {})
     for m in sorted(methods, key=ORDER.index):
         runs = methods[m]
-        diff, word = "baseline", ""
-        if m != "none":
-            d = stats.paired({s: r["client_test_loss_mean"] for s, r in runs.items()},
-                             {s: r["client_test_loss_mean"] for s, r in base.items()})
-            diff = f"{d.mean:+.3f} [{d.low:+.3f}, {d.high:+.3f}]" if d.n > 1 else ""
-            word = {"wins": "loses", "loses": "wins"}.get(stats.verdict(d), stats.verdict(d))
-        rows.append(f"| {m} | {len(runs)} | {loss_cell(runs, 'client_test_loss_mean')} | {diff} | {word} | "
-                    f"{loss_cell(runs, 'client_test_loss_worst')} | {cell(runs, 'client_test_accuracy_mean')} | "
-                    f"{loss_cell(runs, 'final_test_loss')} | {costs(runs)} |")
+        diff, word = ("baseline", "") if m == "none" else diff_cell(runs, base, "client_test_loss_mean", 1, 3)
+        word = {"wins": "loses", "loses": "wins"}.get(word, word)  # a lower loss is the better one
+        rows.append(f"| {m} | {len(runs)} | {cell(runs, 'client_test_loss_mean', 1, 3)} | {diff} | {word} | "
+                    f"{cell(runs, 'client_test_loss_worst', 1, 3)} | {cell(runs, 'client_test_accuracy_mean')} | "
+                    f"{cell(runs, 'final_test_loss', 1, 3)} | {costs(runs)} |")
     return rows
 
 
