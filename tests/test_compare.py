@@ -139,3 +139,24 @@ def test_report_baseline_option_names_an_entry(tmp_path):
     assert "## Paired differences against `fedadam`" in (root / "report.md").read_text()
     with pytest.raises(FedtuneError, match="baseline 'nope' is none of"):
         write_report(root, baseline="nope")
+
+
+def test_select_seeds_chooses_on_those_seeds_alone_and_reports_every_seed_of_the_choice(tmp_path):
+    root = sweep(tmp_path)
+    text = (root / "experiment.toml").read_text().replace('select = "val"', 'select = "val"\nselect_seeds = [0]')
+    (root / "experiment.toml").write_text(text)
+    for seed in (1, 2):  # the sweep ran the other candidate on seed 0 only
+        for f in (root / f"fedadam__server_lr-0.01__seed{seed}").iterdir():
+            f.unlink()
+        (root / f"fedadam__server_lr-0.01__seed{seed}").rmdir()
+    got = comparison(root)
+    fedadam = next(e for e in got["entries"] if e["name"] == "fedadam")
+    # seed 0's final val: 0.01 -> 0.60, 0.1 -> 0.70 (over all three seeds 0.01 would win, 62.0% to 58.3%)
+    assert fedadam["chosen"] == "server_lr-0.1 (mean val 70.0%; not chosen: server_lr-0.01 60.0%)"
+    assert fedadam["test"] == {"0": 0.90, "1": 0.91, "2": 0.92}
+    assert got["select_seeds"] == [0]
+    assert "on seed(s) 0; the other seeds ran the chosen point only" in (root / "report.md").read_text()
+    (root / "experiment.toml").write_text(text.replace("select_seeds = [0]", "select_seeds = [5]"))
+    from fedtune import sweep as sweeplib
+    with pytest.raises(FedtuneError, match="select_seeds 5 are not seeds of the sweep"):
+        sweeplib.load(root / "experiment.toml")

@@ -152,3 +152,26 @@ def test_grid_option_runs_only_the_named_grids(tmp_path, capsys):
     assert "zo__seed1" in listed and "seed0" not in listed and "1 points" in listed
     assert main(["sweep", str(path), "--dry-run", "--seed", "7"]) == 2
     assert "no point has seed 7; seeds: 0, 1" in capsys.readouterr().err
+
+
+def test_select_seeds_runs_every_candidate_on_them_then_only_the_chosen_one(tmp_path, capsys):
+    path = write_experiment(tmp_path, extra="")
+    text = path.read_text().replace('out = "', 'select = "val"\nselect_seeds = [0]\nout = "')
+    path.write_text(text.replace("max_labels = 4", "max_labels = 4\nval_size = 20"))
+    assert main(["sweep", str(path), "--seed", "1", "--quiet", "--no-report"]) == 0
+    assert "1 waiting for the choice on seeds [0]" in capsys.readouterr().err
+    assert not list((tmp_path / "sweep").glob("*seed1"))  # nothing ran before the choice
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert "fedavg seed 1  the point chosen on seed(s) 0, once they are done" in capsys.readouterr().out
+    result = run_sweep(load(path), live=False)
+    # hand computation: the final validation accuracy of each candidate on seed 0, first on a tie
+    finals = {}
+    for r in (2, 4):
+        records = [json.loads(line) for line in (tmp_path / "sweep" / f"fedavg__lora_r-{r}__seed0" / "metrics.jsonl")
+                   .read_text().splitlines()]
+        finals[r] = [x["val_accuracy"] for x in records if x["client"] == "server"][-1]
+    chosen = 2 if finals[2] >= finals[4] else 4
+    assert result.done == ["fedavg__lora_r-2__seed0", "fedavg__lora_r-4__seed0", f"fedavg__lora_r-{chosen}__seed1"]
+    assert sorted(p.name for p in (tmp_path / "sweep").glob("*seed1")) == [f"fedavg__lora_r-{chosen}__seed1"]
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    assert "3 points" in capsys.readouterr().out

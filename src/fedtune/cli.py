@@ -161,10 +161,30 @@ def _only(exp, attr: str, wanted: list, missing: str, listing: str) -> list:
     return [p for p in exp.points if getattr(p, attr) in wanted]
 
 
+def _dry_run(exp) -> int:
+    """List the points a sweep would run and how far each is; under select_seeds, one line per
+    grid and seed whose point is chosen later."""
+    from .rundir import CONFIG, SUMMARY
+    from .sweep import selection_state
+
+    lines: dict[str, str] = {}
+    for p in exp.points:
+        choice = selection_state(exp, p)
+        if choice == "waiting":  # one of the grid's candidates, not known yet
+            seeds = ", ".join(map(str, exp.design.select_seeds))
+            lines[f"{p.grid} seed {p.seed}"] = f"the point chosen on seed(s) {seeds}, once they are done"
+        elif choice == "run":
+            out = Path(p.cfg.out)
+            lines[p.cfg.out] = "done" if (out / SUMMARY).is_file() else "started" if (out / CONFIG).is_file() else ""
+    for where, state in lines.items():
+        print(f"{where}  {state}")
+    print(f"{len(lines)} points")
+    return 0
+
+
 def cmd_sweep(args) -> int:
     from rich.console import Console
 
-    from .rundir import CONFIG, SUMMARY
     from .sweep import load, run_sweep
     from .report import write_report
 
@@ -173,14 +193,11 @@ def cmd_sweep(args) -> int:
     exp.points = _only(exp, "grid", args.grid, "no grid named", "grids")
     exp.points = _only(exp, "seed", args.seed, "no point has seed", "seeds")
     if args.dry_run:
-        for p in exp.points:
-            state = "done" if (Path(p.cfg.out) / SUMMARY).is_file() else "started" if (Path(p.cfg.out) / CONFIG).is_file() else ""
-            print(f"{p.cfg.out}  {state}")
-        print(f"{len(exp.points)} points")
-        return 0
+        return _dry_run(exp)
     console.print(f"[bold]fedtune sweep[/] {exp.path}: {len(exp.points)} points -> {exp.out}")
     result = run_sweep(exp, console, live=not args.quiet and console.is_terminal, fail_fast=args.fail_fast)
-    console.print(f"{len(result.done)} run, {len(result.skipped)} already done, {len(result.failed)} failed")
+    waiting = f", {len(result.waiting)} waiting for the choice on seeds {exp.design.select_seeds}" if result.waiting else ""
+    console.print(f"{len(result.done)} run, {len(result.skipped)} already done, {len(result.failed)} failed{waiting}")
     if not args.no_report:
         try:
             print(f"report: {write_report(exp.out)}")

@@ -37,11 +37,11 @@ from . import config as configlib
 from . import precision
 from .errors import FedtuneError
 from .console import Progress, RichProgress
-from .rundir import CONFIG, SUMMARY, RunDir
+from .rundir import CONFIG, METRICS, SUMMARY, RunDir
 
 ERROR = "error.txt"
 GRID_KEYS = {"name", "set", "vary", "seeds"}
-SWEEP_KEYS = {"preset", "seeds", "out", "select", "select_round", "baseline"}
+SWEEP_KEYS = {"preset", "seeds", "out", "select", "select_round", "select_seeds", "baseline"}
 SELECT_KEYS = {"select": ("val",), "select_round": ("final", "best")}
 # Keys that may differ between the saved config of a started point and the experiment
 # without making it a different point (where it lives, how many threads ran it).
@@ -65,6 +65,8 @@ class Design:
     select_round: str = "final"  # "final": the last round's validation metric; "best": each run's best round
     baseline: str = ""  # the entry paired differences are taken against
     from_file: bool = False  # read from an experiment file (a sweep's points), not made up
+    # Seeds the choice is made on; the other seeds run the chosen point only (none: every seed, every point).
+    select_seeds: list[int] = field(default_factory=list)
 
 
 def check_design(head: dict[str, Any], where: str) -> Design:
@@ -74,7 +76,22 @@ def check_design(head: dict[str, Any], where: str) -> Design:
             raise FedtuneError(f"{where}: [sweep] {key} must be one of {', '.join(map(repr, allowed))}; got {head[key]!r}")
     if "baseline" in head and not isinstance(head["baseline"], str):
         raise FedtuneError(f"{where}: [sweep] baseline must be a grid name (a string)")
-    return Design(head.get("select", ""), head.get("select_round", "final"), head.get("baseline", ""), True)
+    seeds = head.get("select_seeds", [])
+    if not isinstance(seeds, list) or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise FedtuneError(f"{where}: [sweep] select_seeds must be a list of integers (the seeds the choice is made on)")
+    if seeds and head.get("select") != "val":
+        raise FedtuneError(f"{where}: [sweep] select_seeds needs select = \"val\"")
+    return Design(head.get("select", ""), head.get("select_round", "final"), head.get("baseline", ""), True, seeds)
+
+
+def val_score(rounds: list[dict[str, Any]], select_round: str) -> tuple[float, int] | None:
+    """(a run's validation metric, the round it was read at) from its per-round rows, or None
+    without validation rows. "final": the last validated round; "best": the best (first on a tie)."""
+    rows = [r for r in rounds if r.get("val_accuracy") is not None]
+    if not rows:
+        return None
+    row = max(rows, key=lambda r: r["val_accuracy"]) if select_round == "best" else rows[-1]
+    return row["val_accuracy"], row["round"]
 
 
 @dataclass
@@ -84,6 +101,8 @@ class Experiment:
     points: list[Point]
     select: str = ""  # "val": the report picks each grid's point on validation (report/compare.py)
     baseline: str = ""  # the grid the report's paired differences are taken against
+    design: Design = field(default_factory=Design)
+    all_points: list[Point] = field(default_factory=list)  # every point, whatever `points` is narrowed to
 
 
 @dataclass
@@ -91,6 +110,7 @@ class SweepResult:
     done: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     failed: list[str] = field(default_factory=list)
+    waiting: list[str] = field(default_factory=list)  # select_seeds: their grid's choice is not made yet
 
 
 def _value_text(value: Any) -> str:
@@ -136,7 +156,7 @@ def load(path: str | Path, out: str | Path | None = None) -> Experiment:
         points += grid_points(name, fixed, vary, seeds, preset, base, out, f"{path}: grid {i}")
     design = check_design(head, str(path))
     check_selection(design, points, str(path))
-    return Experiment(path, out, points, design.select, design.baseline)
+    return Experiment(path, out, points, design.select, design.baseline, design, list(points))
 
 
 def check_selection(design: Design, points: list[Point], where: str) -> None:
@@ -146,6 +166,9 @@ def check_selection(design: Design, points: list[Point], where: str) -> None:
         if bare:
             raise FedtuneError(f"{where}: select = \"val\" picks on validation rows, but grid(s) {', '.join(bare)} "
                                "hold none: set data.val_size > 0 (e.g. in [base.data])")
+    unknown = sorted(set(design.select_seeds) - {p.seed for p in points})
+    if unknown:
+        raise FedtuneError(f"{where}: select_seeds {', '.join(map(str, unknown))} are not seeds of the sweep")
     grids = {p.grid for p in points}
     if design.baseline and design.baseline.split(" (")[0] not in grids:
         raise FedtuneError(f"{where}: baseline {design.baseline!r} is not a grid; grids: {', '.join(sorted(grids))}")
@@ -212,6 +235,45 @@ def changed_keys(point: Point) -> list[str]:
     return [k for k, v in _identity(point.cfg).items() if saved.get(k) != v]
 
 
+def _server_rows(path: Path) -> list[dict[str, Any]]:
+    lines = (path / METRICS).read_text().splitlines() if (path / METRICS).is_file() else []
+    return [r for r in map(json.loads, filter(str.strip, lines)) if r.get("client") == "server"]
+
+
+def chosen_values(candidates: list[Point], select_round: str) -> dict[str, Any] | None:
+    """The varied values of the candidate with the highest mean validation metric over its seeds
+    (the first in the grid's order on a tie); None while one of the candidates is unfinished."""
+    scores: dict[str, list[float]] = {}
+    values: dict[str, dict[str, Any]] = {}
+    for p in candidates:
+        path = Path(p.cfg.out)
+        if not (path / SUMMARY).is_file():
+            return None
+        score = val_score(_server_rows(path), select_round)
+        if score is None:
+            raise FedtuneError(f"select = \"val\": {path} has no validation records; set data.val_size > 0")
+        key = json.dumps(p.values, sort_keys=True, default=str)
+        scores.setdefault(key, []).append(score[0])
+        values[key] = p.values
+    order = list(scores)
+    return values[max(order, key=lambda k: (sum(scores[k]) / len(scores[k]), -order.index(k)))]
+
+
+def selection_state(exp: Experiment, point: Point) -> str:
+    """"run", "not chosen" or "waiting": under select_seeds a point on another seed runs only
+    after its grid's choice is made on the selection seeds, and only if it is the chosen one."""
+    seeds = exp.design.select_seeds
+    if not seeds or point.seed in seeds:
+        return "run"
+    candidates = [p for p in exp.all_points if p.grid == point.grid and p.seed in seeds]
+    if len({json.dumps(p.values, sort_keys=True, default=str) for p in candidates}) <= 1:
+        return "run"
+    chosen = chosen_values(candidates, exp.design.select_round)
+    if chosen is None:
+        return "waiting"
+    return "run" if point.values == chosen else "not chosen"
+
+
 def run_point(point: Point, progress: Progress | None = None) -> tuple[str, dict[str, Any]]:
     """Run, resume or skip one point -> (what happened: "done"/"skipped", its summary)."""
     from .runtimes import run
@@ -255,6 +317,12 @@ class SweepProgress(RichProgress):
         self.bar.stop()
 
 
+def _figure(summary: dict[str, Any]) -> str:
+    acc = summary.get("final_test_accuracy")
+    metric = summary.get("test_metric", "accuracy").replace("accuracy", "acc")
+    return f"{metric} {acc:.1%}" if acc is not None else "no accuracy"
+
+
 def run_sweep(exp: Experiment, console=None, live: bool = True, fail_fast: bool = False) -> SweepResult:
     """Run every point of ``exp`` in this process, one after another."""
     from rich.console import Console
@@ -272,11 +340,21 @@ def run_sweep(exp: Experiment, console=None, live: bool = True, fail_fast: bool 
     exp.out.mkdir(parents=True, exist_ok=True)
     (exp.out / "experiment.toml").write_text(exp.path.read_text())
     result = SweepResult()
-    already = sum((Path(p.cfg.out) / SUMMARY).is_file() for p in exp.points)
-    progress = SweepProgress(len(exp.points), already) if live else None
+    # Under select_seeds the choice is made first: the selection seeds' points run before the rest.
+    todo = sorted(exp.points, key=lambda p: bool(exp.design.select_seeds) and p.seed not in exp.design.select_seeds)
+    already = sum((Path(p.cfg.out) / SUMMARY).is_file() for p in todo)
+    progress = SweepProgress(len(todo), already) if live else None
     log = progress.bar.console.print if progress else console.print
     try:
-        for i, point in enumerate(exp.points, 1):
+        for i, point in enumerate(todo, 1):
+            state = selection_state(exp, point)
+            if state != "run":
+                waiting = f"{point.grid} seed {point.seed}"
+                if state == "waiting" and waiting not in result.waiting:
+                    result.waiting.append(waiting)
+                    log(f"{waiting}: waits until the grid's candidates on seeds {exp.design.select_seeds} "
+                        "are done (the choice is made on them)")
+                continue
             if progress:
                 progress.point(point.name)
             started = time.perf_counter()
@@ -290,7 +368,7 @@ def run_sweep(exp: Experiment, console=None, live: bool = True, fail_fast: bool 
                 Path(point.cfg.out).mkdir(parents=True, exist_ok=True)
                 (Path(point.cfg.out) / ERROR).write_text(traceback.format_exc())
                 result.failed.append(point.name)
-                log(f"[{i}/{len(exp.points)}] {point.name}: [red]failed[/] ({type(exc).__name__}: {escape(str(exc))}); "
+                log(f"[{i}/{len(todo)}] {point.name}: [red]failed[/] ({type(exc).__name__}: {escape(str(exc))}); "
                     f"traceback in {Path(point.cfg.out) / ERROR}")
                 continue
             if status == "skipped":
@@ -299,10 +377,7 @@ def run_sweep(exp: Experiment, console=None, live: bool = True, fail_fast: bool 
             result.done.append(point.name)
             if progress:
                 progress.point_done()
-            acc = summary.get("final_test_accuracy")
-            metric = summary.get("test_metric", "accuracy").replace("accuracy", "acc")
-            acc_text = f"{metric} {acc:.1%}" if acc is not None else "no accuracy"
-            log(f"[{i}/{len(exp.points)}] {point.name}: {acc_text}, {time.perf_counter() - started:.0f} s")
+            log(f"[{i}/{len(todo)}] {point.name}: {_figure(summary)}, {time.perf_counter() - started:.0f} s")
     finally:
         if progress:
             progress.close()

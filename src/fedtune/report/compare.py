@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import config as configlib
 from ..errors import FedtuneError
-from ..sweep import Design, check_design
+from ..sweep import Design, check_design, val_score
 from .load import Run, Setting
 from .names import MAIN_TASK
 from .stats import Interval, paired, t_interval, verdict
@@ -51,11 +51,7 @@ def read_design(root: Path) -> Design:
 
 def val_figure(run: Run, select_round: str) -> tuple[float, int] | None:
     """(the run's validation metric, the round it was read at), or None without validation rows."""
-    rows = [r for r in run.rounds if r.get("val_accuracy") is not None]
-    if not rows:
-        return None
-    row = max(rows, key=lambda r: r["val_accuracy"]) if select_round == "best" else rows[-1]
-    return row["val_accuracy"], row["round"]
+    return val_score(run.rounds, select_round)
 
 
 def test_figure(run: Run, rnd: int | None = None) -> float | None:
@@ -79,11 +75,15 @@ def points(runs: list[Run]) -> dict[str, dict[str, dict[int, Run]]] | None:
     return out
 
 
-def select_point(grid: str, candidates: dict[str, dict[int, Run]], select_round: str) -> Entry:
-    """The candidate with the highest mean validation metric over its seeds."""
+def select_point(grid: str, candidates: dict[str, dict[int, Run]], select_round: str,
+                 select_seeds: list[int] | None = None) -> Entry:
+    """The candidate with the highest mean validation metric over its seeds (over select_seeds
+    alone when given: the other seeds ran the chosen candidate only)."""
     scores: dict[str, float] = {}
     for point, seeds in candidates.items():
-        figures = [val_figure(run, select_round) for run in seeds.values()]
+        figures = [val_figure(run, select_round) for s, run in seeds.items() if not select_seeds or s in select_seeds]
+        if not figures:  # no run on the selection seeds yet
+            continue
         if any(f is None for f in figures):
             raise FedtuneError(f"select = \"val\": {grid} {point or '(its one point)'} has no validation "
                                "records; set data.val_size > 0 in the experiment")
@@ -102,7 +102,7 @@ def entries(runs: list[Run], settings: list[Setting], design: Design) -> list[En
     directory, else each setting of the report."""
     grids = points(runs) if design.from_file else None
     if grids is not None and design.select == "val":
-        return [select_point(g, c, design.select_round) for g, c in grids.items()]
+        return [select_point(g, c, design.select_round, design.select_seeds) for g, c in grids.items()]
     if grids is not None:
         return [Entry(g if len(c) == 1 else f"{g} ({p or 'default'})", seeds,
                       {s: test_figure(r) for s, r in seeds.items()})
@@ -148,6 +148,7 @@ def as_json(found: list[Entry], base: str, design: Design) -> dict[str, Any]:
         return None if i is None else {"n": i.n, "mean": i.mean, "low": i.low, "high": i.high}
 
     return {"select": design.select, "select_round": design.select_round if design.select else None,
+            "select_seeds": design.select_seeds or None,
             "baseline": base or None,
             "entries": [{"name": e.name, "test": e.test, "runs": {s: str(r.path) for s, r in e.runs.items()},
                          "chosen": e.note or None, "interval": iv(e.interval), "paired_difference": iv(e.diff),

@@ -109,8 +109,10 @@ def comparison(found: list[Entry], base: str, design: Design) -> list[str]:
            "Each entry's final test figure (the task's metric, in %, on the full test set): mean over seeds and its "
            "95% confidence interval (Student's t over the seeds; one seed has no interval)."
            + (f" Each method's hyperparameters were chosen on the validation rows (`select = \"val\"`, "
-              f"`select_round = \"{design.select_round}\"`): the chosen point is named, and test figures played no "
-              "part in the choice." if chosen else ""), ""]
+              f"`select_round = \"{design.select_round}\"`"
+              + (f", on seed(s) {', '.join(map(str, design.select_seeds))}; the other seeds ran the chosen point only"
+                 if design.select_seeds else "")
+              + "): the chosen point is named, and test figures played no part in the choice." if chosen else ""), ""]
     header = ["entry", "seeds", "mean", "95% CI"] + (["chosen on validation"] if chosen else [])
     rows = [[e.name, str(e.interval.n), pct(e.interval.mean), f"{pct(e.interval.low)} to {pct(e.interval.high)}"]
             + ([e.note] if chosen else []) for e in found]
