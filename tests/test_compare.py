@@ -105,6 +105,8 @@ def test_selection_on_validation_picks_the_hand_computed_point_whatever_the_test
     assert "| fedadam | 3 | 56.0 |" in md and "server_lr-0.01 (mean val 62.0%; not chosen: server_lr-0.1 58.3%)" in md
     assert "- **fedadam** shows no significant difference from `fedavg`: +1.0 points" in md
     assert "| Model accuracy (final test accuracy) | 55.5% · **1** (1)" in md  # (55.0 + 56.0) / 2: chosen points only
+    # the curve table: fedadam 0.01's rounds 1 (0.50, 0.52, 0.54) and 2 (0.55, 0.56, 0.57); half-width t * s / sqrt(3)
+    assert "| fedadam | 52.0 ± 5.0 | 56.0 ± 2.5 |" in md and "| fedavg | 45.0 ± 0.0 | 55.0 ± 12.4 |" in md
 
 
 def test_best_round_selection_reports_the_test_figure_of_each_runs_best_val_round(tmp_path):

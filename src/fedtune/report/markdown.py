@@ -9,6 +9,9 @@ from .claims import PAPER_RANK, ROWS, check_claims, ranking
 from .compare import Design, Entry, pct
 from .load import Run, Setting, by_group
 from .names import FRAMEWORKS, TASKS, TITLES, fmt
+from .stats import t_interval
+
+CURVE_COLUMNS = 11  # rounds shown in the curve table: evenly spaced, the last always among them
 
 Table = dict[str, dict[str, tuple[float, int]]]  # what claims.ranking returns
 
@@ -99,6 +102,30 @@ def _per_setting(settings: list[Setting]) -> list[str]:
     return out
 
 
+def _curves(found: list[Entry]) -> list[str]:
+    """Each entry's test figure at the evaluated rounds: mean and 95% half-width over its seeds."""
+    def figure(run: Run, rnd: int) -> float | None:
+        return next((r["test_accuracy"] for r in run.rounds if r["round"] == rnd and r.get("test_accuracy") is not None), None)
+
+    rounds = sorted({r["round"] for e in found for run in e.runs.values() for r in run.rounds
+                     if r.get("test_accuracy") is not None})
+    if len(rounds) < 2:
+        return []
+    step = -(-len(rounds) // CURVE_COLUMNS)
+    shown = rounds[::-1][::step][::-1]
+    rows = []
+    for e in found:
+        cells = []
+        for rnd in shown:
+            iv = t_interval([v for v in (figure(run, rnd) for run in e.runs.values()) if v is not None])
+            cells.append("-" if not iv.n else pct(iv.mean) + ("" if iv.n < 2 else f" ± {pct(iv.half)}"))
+        rows.append([e.name] + cells)
+    return ["### Test figure per round", "",
+            "Mean over seeds ± the 95% interval's half-width, at the rounds the curve was measured (under "
+            "`eval.curve_size` a fixed subset of the test rows, the last round the full test set).", "",
+            _md_table(["entry"] + [f"round {r}" for r in shown], rows), ""]
+
+
 def comparison(found: list[Entry], base: str, design: Design) -> list[str]:
     """Mean and 95% interval per entry; paired differences against the baseline, worded by
     whether their interval excludes zero (report/stats.py)."""
@@ -116,7 +143,7 @@ def comparison(found: list[Entry], base: str, design: Design) -> list[str]:
     header = ["entry", "seeds", "mean", "95% CI"] + (["chosen on validation"] if chosen else [])
     rows = [[e.name, str(e.interval.n), pct(e.interval.mean), f"{pct(e.interval.low)} to {pct(e.interval.high)}"]
             + ([e.note] if chosen else []) for e in found]
-    out += [_md_table(header, rows), ""]
+    out += [_md_table(header, rows), ""] + _curves(found)
     if not base:
         return out + ["No baseline named (`baseline = \"NAME\"` in [sweep] or `fedtune report --baseline NAME`): "
                       "no paired differences.", ""]
