@@ -194,7 +194,8 @@ def cmd_sweep(args) -> int:
     exp.points = _only(exp, "seed", args.seed, "no point has seed", "seeds")
     if args.dry_run:
         return _dry_run(exp)
-    console.print(f"[bold]fedtune sweep[/] {exp.path}: {len(exp.points)} points -> {exp.out}")
+    later = f" (on seeds other than {exp.design.select_seeds}, only each grid's chosen point)" if exp.design.select_seeds else ""
+    console.print(f"[bold]fedtune sweep[/] {exp.path}: {len(exp.points)} points{later} -> {exp.out}")
     result = run_sweep(exp, console, live=not args.quiet and console.is_terminal, fail_fast=args.fail_fast)
     waiting = f", {len(result.waiting)} waiting for the choice on seeds {exp.design.select_seeds}" if result.waiting else ""
     console.print(f"{len(result.done)} run, {len(result.skipped)} already done, {len(result.failed)} failed{waiting}")
