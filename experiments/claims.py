@@ -82,6 +82,8 @@ def comparison(report: str, results: Path = RESULTS) -> dict | None:
 
 def paired_row(claim: Claim, found: dict) -> tuple[str, str]:
     entries = {e["name"]: e for e in (found.get("comparison") or {}).get("entries", [])}
+    if not entries:
+        return "the report holds no per-seed comparison", "not measured"
     missing = [n for n in (claim.method, claim.baseline) if n not in entries]
     if missing:
         return f"no entry {', '.join(missing)} in the report", "not measured"
@@ -113,7 +115,7 @@ def table(claims: list[Claim] = CLAIMS, results: Path = RESULTS) -> list[str]:
     for claim in claims:
         found = comparison(claim.report, results)
         if found is None:
-            text, verdict = f"docs/results/{claim.report} not committed yet", "not measured"
+            text, verdict = f"no report in docs/results/{claim.report}", "not measured"
         else:
             text, verdict = (cost_row if claim.metric else paired_row)(claim, found)
         link = f"[{claim.report}]({claim.report}/report.md)"
