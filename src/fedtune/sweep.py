@@ -99,9 +99,7 @@ class Experiment:
     path: Path
     out: Path
     points: list[Point]
-    select: str = ""  # "val": the report picks each grid's point on validation (report/compare.py)
-    baseline: str = ""  # the grid the report's paired differences are taken against
-    design: Design = field(default_factory=Design)
+    design: Design = field(default_factory=Design)  # what [sweep] says about selection and the baseline
     all_points: list[Point] = field(default_factory=list)  # every point, whatever `points` is narrowed to
 
 
@@ -156,7 +154,7 @@ def load(path: str | Path, out: str | Path | None = None) -> Experiment:
         points += grid_points(name, fixed, vary, seeds, preset, base, out, f"{path}: grid {i}")
     design = check_design(head, str(path))
     check_selection(design, points, str(path))
-    return Experiment(path, out, points, design.select, design.baseline, design, list(points))
+    return Experiment(path, out, points, design, list(points))
 
 
 def check_selection(design: Design, points: list[Point], where: str) -> None:
