@@ -238,11 +238,21 @@ def _server_rows(path: Path) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, filter(str.strip, lines)) if r.get("client") == "server"]
 
 
+def best_candidate(scores: dict[str, list[float]]) -> str:
+    """The candidate with the highest mean score, the first in order on a tie (the sweep's choice
+    and the report's: report/compare.py)."""
+    order = list(scores)
+    return max(order, key=lambda k: (sum(scores[k]) / len(scores[k]), -order.index(k)))
+
+
+def _key(values: dict[str, Any]) -> str:
+    return json.dumps(values, sort_keys=True, default=str)
+
+
 def chosen_values(candidates: list[Point], select_round: str) -> dict[str, Any] | None:
     """The varied values of the candidate with the highest mean validation metric over its seeds
     (the first in the grid's order on a tie); None while one of the candidates is unfinished."""
     scores: dict[str, list[float]] = {}
-    values: dict[str, dict[str, Any]] = {}
     for p in candidates:
         path = Path(p.cfg.out)
         if not (path / SUMMARY).is_file():
@@ -250,11 +260,8 @@ def chosen_values(candidates: list[Point], select_round: str) -> dict[str, Any] 
         score = val_score(_server_rows(path), select_round)
         if score is None:
             raise FedtuneError(f"select = \"val\": {path} has no validation records; set data.val_size > 0")
-        key = json.dumps(p.values, sort_keys=True, default=str)
-        scores.setdefault(key, []).append(score[0])
-        values[key] = p.values
-    order = list(scores)
-    return values[max(order, key=lambda k: (sum(scores[k]) / len(scores[k]), -order.index(k)))]
+        scores.setdefault(_key(p.values), []).append(score[0])
+    return json.loads(best_candidate(scores))
 
 
 def selection_state(exp: Experiment, point: Point) -> str:
@@ -264,12 +271,12 @@ def selection_state(exp: Experiment, point: Point) -> str:
     if not seeds or point.seed in seeds:
         return "run"
     candidates = [p for p in exp.all_points if p.grid == point.grid and p.seed in seeds]
-    if len({json.dumps(p.values, sort_keys=True, default=str) for p in candidates}) <= 1:
+    if len({_key(p.values) for p in candidates}) <= 1:
         return "run"
     chosen = chosen_values(candidates, exp.design.select_round)
     if chosen is None:
         return "waiting"
-    return "run" if point.values == chosen else "not chosen"
+    return "run" if _key(point.values) == _key(chosen) else "not chosen"
 
 
 def run_point(point: Point, progress: Progress | None = None) -> tuple[str, dict[str, Any]]:

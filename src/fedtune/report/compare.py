@@ -21,7 +21,7 @@ from typing import Any
 
 from .. import config as configlib
 from ..errors import FedtuneError
-from ..sweep import Design, check_design, val_score
+from ..sweep import Design, best_candidate, check_design, val_score
 from .load import Run, Setting
 from .names import MAIN_TASK
 from .stats import Interval, paired, t_interval, verdict
@@ -79,7 +79,7 @@ def select_point(grid: str, candidates: dict[str, dict[int, Run]], select_round:
                  select_seeds: list[int] | None = None) -> Entry:
     """The candidate with the highest mean validation metric over its seeds (over select_seeds
     alone when given: the other seeds ran the chosen candidate only)."""
-    scores: dict[str, float] = {}
+    scores: dict[str, list[float]] = {}
     for point, seeds in candidates.items():
         figures = [val_figure(run, select_round) for s, run in seeds.items() if not select_seeds or s in select_seeds]
         if not figures:  # no run on the selection seeds yet
@@ -87,13 +87,14 @@ def select_point(grid: str, candidates: dict[str, dict[int, Run]], select_round:
         if any(f is None for f in figures):
             raise FedtuneError(f"select = \"val\": {grid} {point or '(its one point)'} has no validation "
                                "records; set data.val_size > 0 in the experiment")
-        scores[point] = sum(f[0] for f in figures) / len(figures)
-    chosen = max(scores, key=lambda p: (scores[p], -list(scores).index(p)))
+        scores[point] = [f[0] for f in figures]
+    chosen = best_candidate(scores)
+    means = {p: sum(v) / len(v) for p, v in scores.items()}
     seeds = candidates[chosen]
     rnd = (lambda run: val_figure(run, select_round)[1]) if select_round == "best" else (lambda run: None)
     test = {seed: test_figure(run, rnd(run)) for seed, run in seeds.items()}
-    others = ", ".join(f"{p or 'default'} {100 * v:.1f}%" for p, v in scores.items() if p != chosen)
-    note = f"{chosen or 'default'} (mean val {100 * scores[chosen]:.1f}%" + (f"; not chosen: {others})" if others else ")")
+    others = ", ".join(f"{p or 'default'} {100 * v:.1f}%" for p, v in means.items() if p != chosen)
+    note = f"{chosen or 'default'} (mean val {100 * means[chosen]:.1f}%" + (f"; not chosen: {others})" if others else ")")
     return Entry(grid, seeds, test, note)
 
 
