@@ -211,14 +211,16 @@ def measure(job: dict) -> dict:
 
 def jobs(args) -> list[dict]:
     out = []
+    tasks = set(args.tasks)
     for name in args.models:
         model = QUICK_MODELS.get(name, name) if args.quick else name
         for prec in args.precisions:
             base = dict(model=model, precision=prec, batch=args.batch, steps=args.steps, threads=args.threads,
                         max_length=args.max_length)
-            for runner in (*FRAMEWORK_RUNNERS, "plain", "hf-trainer"):
-                out.append({**base, "task": "classify", "runner": runner})
-            if model in CAUSAL:
+            if "classify" in tasks:
+                for runner in (*FRAMEWORK_RUNNERS, "plain", "hf-trainer"):
+                    out.append({**base, "task": "classify", "runner": runner})
+            if model in CAUSAL and "sft" in tasks:
                 for runner in ("fedavg", "plain", "trl-sft"):
                     out.append({**base, "task": "sft", "runner": runner})
     return out
@@ -232,19 +234,45 @@ def child(job: dict) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+def merge(repeats: list[dict]) -> dict:
+    """One job's repeated measurements -> their medians (peak memory: the largest), with the
+    samples/s spread; a repeat that failed fails the job."""
+    import statistics
+
+    failed = [r for r in repeats if "error" in r]
+    if failed:
+        return failed[0]
+    out = dict(repeats[0])
+    for key in ("samples_per_s", "round_samples_per_s", "zo_step_over_two_forwards"):
+        if key in out:
+            out[key] = statistics.median(r[key] for r in repeats)
+    out["peak_mb"] = max(r["peak_mb"] for r in repeats)
+    rates = [r["samples_per_s"] for r in repeats]
+    out["spread"] = f"{min(rates):.1f}-{max(rates):.1f}" if len(rates) > 1 else ""
+    return out
+
+
+def measure_all(todo: list[dict], repeats: int) -> list[dict]:
+    """Every job once, then every job again, ``repeats`` times: a slow spell of the machine
+    falls on every runner alike rather than on one."""
+    runs = [[child(job) for job in todo] for _ in range(repeats)]
+    return [merge([run[i] for run in runs]) for i in range(len(todo))]
+
+
 def table(results: list[dict]) -> str:
-    lines = ["| model | task | precision | runner | samples/s | vs plain | vs Trainer/SFTTrainer | round samples/s | "
-             "peak MB | zo step / 2 fwd |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| model | task | precision | runner | samples/s | min-max | vs plain | vs Trainer/SFTTrainer | "
+             "round samples/s | peak MB | zo step / 2 fwd |", "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         group = [x for x in results if (x["model"], x["task"], x["precision"]) == (r["model"], r["task"], r["precision"])]
         ref = {x["runner"]: x.get("samples_per_s") for x in group}
         trainer = ref.get("hf-trainer") or ref.get("trl-sft")
         if "error" in r:
             lines.append(f"| {r['model']} | {r['task']} | {r['precision']} | {r['runner']} | error: {r['error']} "
-                         "| | | | | |")
+                         "| | | | | | |")
             continue
         sps = r["samples_per_s"]
         lines.append(f"| {r['model']} | {r['task']} | {r['precision']} | {r['runner']} | {sps:.1f} | "
+                     f"{r.get('spread', '')} | "
                      f"{_ratio(sps, ref.get('plain'))} | {_ratio(sps, trainer)} | "
                      f"{_num(r.get('round_samples_per_s'))} | {r['peak_mb']:.0f} | "
                      f"{_num(r.get('zo_step_over_two_forwards'), 2)} |")
@@ -283,6 +311,9 @@ def main(argv=None) -> None:
     p.add_argument("--steps", type=int, default=12, help="training steps per measurement (the first is warm-up)")
     p.add_argument("--max-length", type=int, default=128, help="sft: tokens per row")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--tasks", type=lambda s: s.split(","), default=["classify", "sft"])
+    p.add_argument("--repeats", type=int, default=1, help="measure every job this many times, interleaved; "
+                   "the table gives medians and the samples/s range")
     p.add_argument("--one", help=argparse.SUPPRESS)  # a child process: one measurement, JSON out
     args = p.parse_args(argv)
     if args.one:
@@ -290,11 +321,11 @@ def main(argv=None) -> None:
         return
     if args.quick:
         args.batch, args.steps, args.max_length = min(args.batch, 4), min(args.steps, 3), min(args.max_length, 48)
-    results = [child(job) for job in jobs(args)]
+    results = measure_all(jobs(args), max(args.repeats, 1))
     import torch
 
-    print(f"## Throughput: batch {args.batch}, {args.steps} steps, torch {torch.__version__}, "
-          f"{torch.get_num_threads() if not args.threads else args.threads} threads\n")
+    print(f"## Throughput: batch {args.batch}, {args.steps} steps, {args.repeats} repeat(s), torch "
+          f"{torch.__version__}, {torch.get_num_threads() if not args.threads else args.threads} threads\n")
     print(table(results))
 
 
