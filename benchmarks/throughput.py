@@ -132,7 +132,8 @@ def trainer_args(job: dict, ctx, **extra):
     kw = dict(output_dir=job["out"] + "-trainer", per_device_train_batch_size=job["batch"], max_steps=job["steps"],
               learning_rate=1e-4, bf16=job["precision"] == "bf16", use_cpu=ctx.device.type == "cpu",
               report_to=[], save_strategy="no", logging_strategy="no", disable_tqdm=True,
-              dataloader_num_workers=0, remove_unused_columns=False, seed=0)
+              dataloader_num_workers=0, remove_unused_columns=False, seed=0,
+              train_sampling_strategy="sequential")  # rows_in_batch_order: fedtune's very batches
     if extra.pop("sft", False):
         from trl import SFTConfig
 
@@ -154,12 +155,24 @@ class StepCallback:
         return Stamp()
 
 
+def rows_in_batch_order(ctx) -> list[tuple[list[int], object]]:
+    """The client's rows unpadded, as (token ids, label), in the order of fedtune's batches: a
+    trainer reading them in order pads the very batches fedtune trains on, so no runner gains
+    or loses by which rows share a batch (dynamic padding pads to the batch's longest row)."""
+    rows = []
+    for batch in ctx.client_batches(1, 0):
+        for ids, mask, label in zip(batch.input_ids, batch.attention_mask, batch.labels):
+            keep = mask.bool()
+            rows.append((ids[keep].tolist(), label[keep].tolist() if label.dim() else int(label)))
+    return rows
+
+
 def run_hf_trainer(job: dict, ctx, steps: Steps) -> dict:
     """transformers' Trainer on the client's rows (classification), the same PEFT model."""
     from datasets import Dataset
     from transformers import DataCollatorWithPadding, Trainer
 
-    rows = [{"input_ids": ids, "labels": y} for ids, y in zip(ctx.ids["client0"], ctx.data.clients[0].labels)]
+    rows = [{"input_ids": ids, "labels": y} for ids, y in rows_in_batch_order(ctx)]
     trainer = Trainer(model=ctx.model, args=trainer_args(job, ctx), train_dataset=Dataset.from_list(rows),
                       data_collator=DataCollatorWithPadding(ctx.tokenizer), callbacks=[StepCallback(steps)])
     trainer.train()
@@ -172,10 +185,8 @@ def run_trl_sft(job: dict, ctx, steps: Steps) -> dict:
     from datasets import Dataset
     from trl import SFTTrainer
 
-    ids, labels = ctx.ids["client0"], ctx.data.clients[0].labels
-    answer = [int((lab != -100).sum()) for lab in labels]
-    data = Dataset.from_list([{"input_ids": x, "completion_mask": [0] * (len(x) - n) + [1] * n}
-                              for x, n in zip(ids, answer)])
+    data = Dataset.from_list([{"input_ids": ids, "completion_mask": [int(t != -100) for t in labels]}
+                              for ids, labels in rows_in_batch_order(ctx)])
     trainer = SFTTrainer(model=ctx.model, args=trainer_args(job, ctx, sft=True), train_dataset=data,
                          processing_class=ctx.tokenizer, callbacks=[StepCallback(steps)])
     trainer.train()
