@@ -57,7 +57,7 @@ CLAIMS = [
           "FLoRA (Wang et al., NeurIPS 2024)", "hetlora", "hetero (strategy-flora)", "hetero (strategy-flexlora)"),
     Claim("Clients of ranks 2-16 beat every client at the weakest client's rank 2", "HetLoRA (Cho et al., EMNLP 2024)",
           "hetlora", "hetero (strategy-hetlora)", "homogeneous (lora_r-2)"),
-    Claim("Freezing A (FFA-LoRA) is as accurate as LoRA, with half of LoRA's upload", "FFA-LoRA (Sun et al., ICLR 2024)",
+    Claim("Freezing A (FFA-LoRA) is as accurate as LoRA, with half of LoRA's adapter upload", "FFA-LoRA (Sun et al., ICLR 2024)",
           "peft", "ffa-lora", "lora", better=0),
     Claim("rsLoRA's scale alpha/sqrt(r) learns better than alpha/r at rank 16", "rsLoRA (Kalajdzievski, 2023)",
           "hetlora", "rslora (lora_r-16)", "homogeneous (lora_r-16)"),

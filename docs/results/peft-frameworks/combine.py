@@ -1,6 +1,6 @@
 """The PEFT-method table (methods x frameworks) and methods.png from the two sweep reports of
-experiments/peft.toml: report.json (fedavg, split lora/dora) and kd_split/report.json (kd, the
-other split cells). Usage: python docs/results/peft/combine.py [--png docs/results/peft/methods.png]"""
+experiments/peft-frameworks.toml: report.json (fedavg, split lora/dora) and kd_split/report.json (kd, the
+other split cells). Usage: python docs/results/peft-frameworks/combine.py [--png docs/results/peft-frameworks/methods.png]"""
 import json, pathlib, sys
 
 here = pathlib.Path(__file__).resolve().parent
